@@ -32,6 +32,7 @@ def generate_text(prompt: str, *, model: str | os.PathLike | None = None, max_to
     start = time.perf_counter()
     first_token_s = None
     pieces: list[str] = []
+    n_chunks = 0  # llama-cpp-python streams one chunk per sampled token
     finish_reason = None
     if chat:
         stream = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}],
@@ -42,6 +43,7 @@ def generate_text(prompt: str, *, model: str | os.PathLike | None = None, max_to
             text = choice["delta"].get("content") or ""
             finish_reason = choice.get("finish_reason") or finish_reason
             if text:
+                n_chunks += 1
                 first_token_s = first_token_s or time.perf_counter() - start
                 pieces.append(text)
                 if on_text:
@@ -53,6 +55,7 @@ def generate_text(prompt: str, *, model: str | os.PathLike | None = None, max_to
             text = choice["text"]
             finish_reason = choice.get("finish_reason") or finish_reason
             if text:
+                n_chunks += 1
                 first_token_s = first_token_s or time.perf_counter() - start
                 pieces.append(text)
                 if on_text:
@@ -64,8 +67,8 @@ def generate_text(prompt: str, *, model: str | os.PathLike | None = None, max_to
 
     data = native.llama_perf_context(llm._ctx.ctx)
     prompt_tokens = int(data.n_p_eval)
-    completion_tokens = int(data.n_eval)
-    eval_s = data.t_eval_ms / 1000.0
+    completion_tokens = n_chunks
+    eval_s = data.t_eval_ms / 1000.0  # decode time of the n_eval single-token steps
     return {
         "model": str(Path(llm.model_path)),
         "text": "".join(pieces),
@@ -76,6 +79,6 @@ def generate_text(prompt: str, *, model: str | os.PathLike | None = None, max_to
             "prompt_eval_s": round(data.t_p_eval_ms / 1000.0, 3),
             "first_token_s": round(first_token_s or 0.0, 3),
             "generate_s": round(total_s, 3),
-            "tokens_per_s": round(completion_tokens / eval_s, 2) if eval_s > 0 else 0.0,
+            "tokens_per_s": round(data.n_eval / eval_s, 2) if eval_s > 0 else 0.0,
         },
     }
