@@ -206,7 +206,8 @@ def save(name: str, description: str = "", paths: VendorPaths | None = None,
     if not amend and any(p.name == name for p in st.series):
         raise PatchError(f"{name} is already in the series and is not the last patch; "
                          f"edit it with `git rebase -i {PRISTINE_TAG}` in {paths.sdist_tree}, then `morphkv dev patches export`")
-    git(paths.sdist_tree, "add", "-A", "-f", ".")
+    # build outputs (llama_cpp/lib, ...) stay out: upstream's .gitignore names them
+    git(paths.sdist_tree, "add", "-A", ".")
     base = "HEAD~1" if amend else "HEAD"
     body = _diff(paths, base, None)
     path = patch_dir / name
