@@ -1,0 +1,43 @@
+"""--kv-budget in llama.cpp's own tools (patched tree): long generation at a fixed KV buffer, clear refusals."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from conftest import require_tools
+
+
+def _completion(model_path, *args: str) -> subprocess.CompletedProcess:
+    tool = require_tools("llama-completion")[("llama-completion", "patched")]
+    cmd = [str(tool), "-m", str(model_path), "-p", "Write a long story about a dragon who learns to cook.",
+           "--temp", "0", "-no-cnv", "-t", "2", "--simple-io", "--no-warmup", "-v", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+def test_long_generation_with_budget_keeps_the_kv_buffer_fixed(model_path):
+    proc = _completion(model_path, "-n", "1024", "--ignore-eos", "-c", "4096", "--kv-budget", "128")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sizes = set(re.findall(r"CPU KV buffer size =\s+([0-9.]+) MiB", proc.stderr))
+    sizes.discard("0.00")  # the memory-fitting pass allocates nothing
+    assert len(sizes) == 1
+    evictions = re.findall(r"budget_evict: eviction (\d+): (\d+) -> (\d+) cells", proc.stderr)
+    assert len(evictions) >= 10
+    assert all(int(after) == 128 for _, _, after in evictions)
+    assert len(proc.stdout.split()) > 300, "no long answer"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kv-budget", "16", "--kv-window", "32"], "kv_budget (16) must be greater than kv_window (32)"),
+    (["--kv-budget", "128", "--kv-fusion", "mean"], "unknown --kv-fusion 'mean' (accepted: sum, max)"),
+    (["--kv-budget", "abc"], "--kv-budget expects a whole number, got 'abc'"),
+    (["--kv-budget", "128", "--kv-evict-interval", "0"], "--kv-evict-interval must be at least 1"),
+    (["--kv-budget", "128", "-fa", "off"], "needs flash attention"),
+])
+def test_bad_budget_options_are_refused_with_a_message(model_path, args, message):
+    proc = _completion(model_path, "-n", "4", *args)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Segmentation fault" not in proc.stderr and "GGML_ASSERT" not in proc.stderr
