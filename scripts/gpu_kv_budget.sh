@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The budgeted KV cache on the GPU machine (H100), in two device runs because the default model
+# (98 MB) and the source do not fit one transfer:
+#   phase build: unpack the patched llama.cpp (.gpu/llama-patched.tar.xz), build llama-completion
+#                for sm_90, keep the first half of the model (.gpu/model.part.00) in /tmp
+#   phase run:   join the model with .gpu/model.part.01; llama-completion with -n 4096 on the GPU,
+#                full cache and --kv-budget 256; logs and a summary into $OUT
+# Prepare here: tar of vendor/llama.cpp into .gpu/, `split -b 50m -d MODEL .gpu/model.part.`
+set -euo pipefail
+phase="${1:?usage: gpu_kv_budget.sh build|run}"
+work=/tmp/mkv
+mkdir -p "$work"
+case "$phase" in
+build)
+    cp .gpu/model.part.00 "$work/"
+    mkdir -p "$work/src" && tar -xJf .gpu/llama-patched.tar.xz -C "$work/src"
+    cmake -S "$work/src" -B "$work/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
+        -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_SERVER=OFF \
+        -DGGML_CUDA_FA_QUANTS=f16-f16 > "$OUT/configure.log" 2>&1
+    cmake --build "$work/build" --target llama-completion -j 16 > "$OUT/build.log" 2>&1
+    tail -3 "$OUT/build.log"
+    ;;
+run)
+    cat "$work/model.part.00" .gpu/model.part.01 > "$work/model.gguf"
+    bin="$work/build/bin/llama-completion"
+    prompt="Write a long story about a lighthouse keeper who records every passing ship in a ledger."
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+    for mode in full budget256; do
+        extra=()
+        [ "$mode" = budget256 ] && extra=(--kv-budget 256)
+        "$bin" -m "$work/model.gguf" -p "$prompt" -n 4096 -c 8192 --temp 0 --ignore-eos -no-cnv -ngl 99 \
+            -fa on --simple-io --no-warmup -v "${extra[@]}" > "$OUT/$mode.txt" 2> "$OUT/$mode.log" || echo "$mode failed: $?"
+        {
+            echo "== $mode"
+            { grep -E "KV buffer size|KV budget" "$OUT/$mode.log" || true; } | sed 's/^[0-9.]* I //' | sort -u
+            echo "evictions: $(grep -c 'budget_evict: eviction' "$OUT/$mode.log" || true)"
+            { grep 'budget_evict: eviction' "$OUT/$mode.log" || true; } | awk '{s+=$(NF-1); n++} END {if (n) printf "mean eviction time: %.3f ms over %d\n", s/n, n}'
+            { grep -E "eval time|prompt eval time" "$OUT/$mode.log" || true; } | sed 's/^[0-9.]* I //'
+            echo "words generated: $(wc -w < "$OUT/$mode.txt")"
+        } | tee -a "$OUT/summary.txt"
+    done
+    ;;
+*) echo "unknown phase '$phase' (accepted: build, run)" >&2; exit 2 ;;
+esac
