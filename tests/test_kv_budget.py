@@ -135,3 +135,94 @@ def test_native_refusal_does_not_crash(model_path):
         _llm(model_path, kv_budget=128, type_k=llama_cpp.GGML_TYPE_Q4_0)
     # and the process goes on working
     assert _generate(_llm(model_path, kv_budget=128), 4)
+
+
+@pytest.mark.parametrize("fusion, granularity", [("sum", "head"), ("max", "head"), ("sum", "token"), ("max", "token")])
+def test_native_selection_matches_the_numpy_reference(model_path, fusion, granularity):
+    """Snapshot the next eviction's inputs, let it run, and compare what every head kept with
+    morphkv_gguf.policies on the same queries and keys. Cells whose reference score lies within a
+    small tolerance of the cut may swap (F16 keys, F32 vs F64 arithmetic): that is the only slack."""
+    budget, window, interval = 64, 8, 16
+    llm = _llm(model_path, kv_budget=budget, kv_window=window, kv_evict_interval=interval,
+               kv_fusion=fusion, kv_group_reduce=fusion, kv_granularity=granularity)
+    meta = llm.metadata
+    n_head = int(meta["llama.attention.head_count"])
+    n_head_kv = int(meta["llama.attention.head_count_kv"])
+    n_layer = llm.kv_budget_info()["n_layer"]
+
+    eos = llm.token_eos()
+
+    def no_eos(_ids, scores):
+        scores[eos] = -np.inf
+        return scores
+
+    snapshot = None
+    checked = 0
+    for _ in llm.generate(llm.tokenize(PROMPT.encode()), temp=0.0, top_k=1,
+                          logits_processor=LogitsProcessorList([no_eos]), reset=True):
+        info = llm.kv_budget_info()
+        if snapshot is not None:
+            # the eviction ran before the last token was added: cells [0, budget) per head now
+            assert info["n_evictions"] == snapshot["n_evictions"] + 1
+            _check_against_reference(llm, snapshot, budget, window, fusion, granularity, n_head, n_head_kv)
+            checked += 1
+            snapshot = None
+            if checked == 2:
+                break
+        elif info["n_used"] >= budget + interval and info["n_evictions"] >= 1:
+            snapshot = {"n_evictions": info["n_evictions"],
+                        "layers": [llm.kv_budget_layer_state(il) for il in range(n_layer)],
+                        "positions": [llm.kv_budget_positions(il) for il in range(n_layer)]}
+    assert checked == 2
+
+
+def _check_against_reference(llm, snapshot, budget, window, fusion, granularity, n_head, n_head_kv):
+    from morphkv_gguf import policies
+
+    after = [llm.kv_budget_positions(il) for il in range(len(snapshot["layers"]))]
+    first = snapshot["layers"][0]
+    classes = policies.classify_cells(first["cell_pos"], window, composite=first["composite"])
+    all_scores = []
+    for st in snapshot["layers"]:
+        q = st["queries"].reshape(window, n_head, -1)
+        d = q.shape[-1]
+        k = st["keys"].reshape(-1, n_head_kv, d)
+        all_scores.append(policies.layer_scores(q, k, classes.evictable, fusion, fusion))
+
+    def allowed_swaps(score_row, ref_cells, nat_cells):
+        cut = np.sort(score_row[ref_cells])[0] if len(ref_cells) else 0.0
+        diff = set(ref_cells.tolist()) ^ set(nat_cells.tolist())
+        return all(abs(score_row[c] - cut) <= 2e-3 * max(abs(cut), 1e-3) for c in diff), len(diff)
+
+    if granularity == "token":
+        kept = policies.select_tokens(all_scores, classes, budget)
+        total = sum(s.sum(axis=0) for s in all_scores)
+        got = set(after[0][0][after[0][0] >= 0].tolist()) - {after[0][0].max()}
+        ref_cells = np.array(sorted(kept))
+        pos_of = {p: c for c, p in enumerate(snapshot["positions"][0][0]) if p >= 0}
+        nat_cells = np.array(sorted(pos_of[p] for p in got))
+        ok, n_diff = allowed_swaps(np.where(classes.protected, np.inf, total), ref_cells[~classes.protected[ref_cells]],
+                                   nat_cells[~classes.protected[nat_cells]])
+        assert ok, f"token selection differs beyond ties ({n_diff} cells)"
+        return
+
+    n_swapped = n_compared = 0
+    for il, scores in enumerate(all_scores):
+        kept = policies.select_per_head(scores, classes, budget)
+        for h in range(n_head_kv):
+            before_pos = snapshot["positions"][il][h]
+            want_cells = kept[h]
+            got_pos = after[il][h][:budget]
+            pos_to_cell = {}
+            for c, p in enumerate(before_pos):
+                if p >= 0:
+                    pos_to_cell.setdefault(p, c)
+            nat_cells = np.array([pos_to_cell[p] for p in got_pos.tolist()])
+            # protected cells first, newest first, identical in every head
+            assert np.array_equal(nat_cells[: classes.protected.sum()], want_cells[: classes.protected.sum()])
+            ok, n_diff = allowed_swaps(scores[h], want_cells[classes.protected.sum():],
+                                       nat_cells[classes.protected.sum():])
+            assert ok, f"layer {il} head {h}: selection differs beyond ties ({n_diff} cells)"
+            n_swapped += n_diff
+            n_compared += budget
+    assert n_swapped <= 0.02 * n_compared, f"{n_swapped} of {n_compared} kept cells differ"
