@@ -15,17 +15,22 @@ def _llm(model_path, **kwargs) -> Llama:
     return Llama(model_path=str(model_path), n_threads=2, seed=1, verbose=False, **kwargs)
 
 
-def _generate(llm: Llama, n: int, prompt: str = PROMPT, snapshots: list | None = None) -> list[int]:
-    """Greedy tokens, EOS forbidden; optionally record the cache state after every token."""
+def _greedy(llm: Llama, prompt: str = PROMPT):
+    """llm.generate() greedily with EOS forbidden, so every run is as long as asked."""
     eos = llm.token_eos()
 
     def no_eos(_ids, scores):
         scores[eos] = -np.inf
         return scores
 
+    return llm.generate(llm.tokenize(prompt.encode()), temp=0.0, top_k=1,
+                        logits_processor=LogitsProcessorList([no_eos]), reset=True)
+
+
+def _generate(llm: Llama, n: int, prompt: str = PROMPT, snapshots: list | None = None) -> list[int]:
+    """Greedy tokens, EOS forbidden; optionally record the cache state after every token."""
     tokens = []
-    for tok in llm.generate(llm.tokenize(prompt.encode()), temp=0.0, top_k=1,
-                            logits_processor=LogitsProcessorList([no_eos]), reset=True):
+    for tok in _greedy(llm, prompt):
         tokens.append(tok)
         if snapshots is not None:
             snapshots.append(llm.kv_budget_info())
@@ -150,16 +155,9 @@ def test_native_selection_matches_the_numpy_reference(model_path, fusion, granul
     n_head_kv = int(meta["llama.attention.head_count_kv"])
     n_layer = llm.kv_budget_info()["n_layer"]
 
-    eos = llm.token_eos()
-
-    def no_eos(_ids, scores):
-        scores[eos] = -np.inf
-        return scores
-
     snapshot = None
     checked = 0
-    for _ in llm.generate(llm.tokenize(PROMPT.encode()), temp=0.0, top_k=1,
-                          logits_processor=LogitsProcessorList([no_eos]), reset=True):
+    for _ in _greedy(llm):
         info = llm.kv_budget_info()
         if snapshot is not None:
             # the eviction ran before the last token was added: cells [0, budget) per head now
