@@ -15,9 +15,6 @@ for mode in full "budget$budget"; do
     "$bin" -m "$model" -p "$prompt" -n "$n" -c 8192 --temp 0 --ignore-eos -no-cnv -t "$(nproc)" -fa on \
         --simple-io --no-warmup -v "${extra[@]}" > "$tmp/$mode.txt" 2> "$tmp/$mode.log"
     echo "== $mode"
-    { grep -E "KV buffer size" "$tmp/$mode.log" || true; } | sed 's/^[0-9.]* I //' | grep -v " 0.00 MiB" | sort -u
-    echo "evictions: $(grep -c 'budget_evict: eviction' "$tmp/$mode.log" || true)"
-    { grep 'budget_evict: eviction' "$tmp/$mode.log" || true; } | awk '{s+=$(NF-1); n++} END {if (n) printf "mean eviction time: %.3f ms over %d\n", s/n, n}'
-    { grep -E "eval time" "$tmp/$mode.log" || true; } | sed 's/^[0-9.]* I //'
+    "$root/scripts/kv_budget_summary.sh" "$tmp/$mode.log" "$tmp/$mode.txt"
 done
 rm -rf "$tmp"

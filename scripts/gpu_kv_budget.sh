@@ -31,14 +31,7 @@ run)
         [ "$mode" = budget256 ] && extra=(--kv-budget 256)
         "$bin" -m "$work/model.gguf" -p "$prompt" -n 4096 -c 8192 --temp 0 --ignore-eos -no-cnv -ngl 99 \
             -fa on --simple-io --no-warmup -v "${extra[@]}" > "$OUT/$mode.txt" 2> "$OUT/$mode.log" || echo "$mode failed: $?"
-        {
-            echo "== $mode"
-            { grep -E "KV buffer size|KV budget" "$OUT/$mode.log" || true; } | sed 's/^[0-9.]* I //' | sort -u
-            echo "evictions: $(grep -c 'budget_evict: eviction' "$OUT/$mode.log" || true)"
-            { grep 'budget_evict: eviction' "$OUT/$mode.log" || true; } | awk '{s+=$(NF-1); n++} END {if (n) printf "mean eviction time: %.3f ms over %d\n", s/n, n}'
-            { grep -E "eval time|prompt eval time" "$OUT/$mode.log" || true; } | sed 's/^[0-9.]* I //'
-            echo "words generated: $(wc -w < "$OUT/$mode.txt")"
-        } | tee -a "$OUT/summary.txt"
+        { echo "== $mode"; bash scripts/kv_budget_summary.sh "$OUT/$mode.log" "$OUT/$mode.txt"; } | tee -a "$OUT/summary.txt"
     done
     ;;
 *) echo "unknown phase '$phase' (accepted: build, run)" >&2; exit 2 ;;
