@@ -221,5 +221,125 @@ def build_tools_cmd(variant: str, cuda_arch: str, trees: tuple[str, ...], target
     click.echo(str(out))
 
 
+# ---------------------------------------------------------------------------------------------
+# GGUF tools: inspecting a model's KV memory, writing synthetic benchmark models
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.2f} MiB"
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(n)
+
+
+@main.command(name="inspect")
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--length", type=click.IntRange(min=1), default=None,
+              help="context length for the memory figures [default: the trained context]")
+@click.option("--kv-budget", type=click.IntRange(min=0), default=256, show_default=True,
+              help="cells kept by a KV budget (0 = no budget figures)")
+@click.option("--cache-type", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
+                                                  "iq4_nl"]),  # = gguf_info.KV_CACHE_TYPES (a test checks)
+              default="f16", show_default=True, help="KV cache type for the memory figures")
+@click.option("--kv-evict-interval", type=click.IntRange(min=1), default=64, show_default=True,
+              help="S: tokens that may accumulate beyond the budget")
+@click.option("--n-ubatch", type=click.IntRange(min=1), default=512, show_default=True,
+              help="physical batch size (the budget's cache holds one more ubatch)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@_fail_on(ValueError, OSError)
+def inspect_cmd(model: Path | None, length: int | None, kv_budget: int, cache_type: str, kv_evict_interval: int,
+            n_ubatch: int, as_json: bool) -> None:
+    """Shape of MODEL (a GGUF file; default: the default model) and its KV memory with and without a budget."""
+    from .gguf_info import (BUDGET_CACHE_TYPES, KV_CACHE_TYPES, budget_support, kv_bytes_per_token,
+                            plan_kv_memory, read_model_shape)
+    from .models import resolve_model
+
+    shape = read_model_shape(resolve_model(model))
+    length = length or shape.n_ctx_train or 4096
+    supported, reason = budget_support(shape)
+    per_token: dict[str, int | None] = {}
+    for t in KV_CACHE_TYPES:
+        try:
+            per_token[t] = kv_bytes_per_token(shape, t)
+        except ValueError:
+            per_token[t] = None  # head size not a multiple of the type's block: llama.cpp refuses it too
+    budget_note = None
+    budget = kv_budget or None
+    if budget is not None and cache_type not in BUDGET_CACHE_TYPES:
+        budget_note = f"cache type {cache_type} cannot be used with a KV budget (accepted: {', '.join(BUDGET_CACHE_TYPES)})"
+        budget = None
+    plan = plan_kv_memory(shape, length, cache_type=cache_type, kv_budget=budget,
+                          kv_evict_interval=kv_evict_interval, n_ubatch=n_ubatch)
+
+    if as_json:
+        click.echo(json.dumps({"model": shape.path, "shape": shape.as_dict(), "kv_bytes_per_token": per_token,
+                               "plan": plan.as_dict(), "budget_supported": supported, "budget_reason": reason,
+                               "budget_note": budget_note}, indent=2))
+        return
+    rows = [
+        ("model", shape.path),
+        ("architecture", shape.architecture),
+        ("name", shape.name or "-"),
+        ("layers", str(shape.n_layer)),
+        ("heads", f"{shape.n_head} (KV heads {shape.n_head_kv})"),
+        ("head size", f"K {shape.head_k}, V {shape.head_v}"),
+        ("trained context", str(shape.n_ctx_train or "-")),
+        ("vocabulary", str(shape.n_vocab or "-")),
+        ("parameters", _count(shape.n_params)),
+        ("file", f"{shape.file_type or 'unknown type'}, {_mib(shape.file_size)}"),
+        ("sliding window", str(shape.sliding_window) if shape.sliding_window else "-"),
+        ("KV per token", ", ".join(f"{t} {'-' if b is None else f'{b:,} B'}" for t, b in per_token.items())),
+        (f"KV {cache_type}, full", f"{_mib(plan.full_bytes)} for {plan.length:,} tokens ({plan.full_cells:,} cells)"),
+    ]
+    if plan.kv_budget is not None:
+        rows.append((f"KV {cache_type}, budget", f"{_mib(plan.budget_kv_bytes)} for C={plan.kv_budget} "
+                     f"({plan.budget_cells:,} cells, at any length) + query windows {_mib(plan.query_window_bytes)}"))
+    elif budget_note:
+        rows.append((f"KV {cache_type}, budget", budget_note))
+    rows.append(("KV budget", f"{'supported' if supported else 'NOT supported'}: {reason}"))
+    for note in shape.notes:
+        rows.append(("note", note))
+    for key, value in rows:
+        click.echo(f"{key:<20}{value}")
+
+
+@main.group(name="gguf")
+def gguf_group() -> None:
+    """Write GGUF files for benchmarks."""
+
+
+@gguf_group.command(name="synth")
+@click.argument("shape")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--type", "dtype", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
+              help="type of the weight matrices (norms are F32)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="overwrite OUT if it exists")
+@_fail_on(ValueError, OSError)
+def gguf_synth(shape: str, out: Path, dtype: str, seed: int, force: bool) -> None:
+    """Write a llama model of SHAPE (llama-3.1-8b, llama-3.2-1b, tiny) with random weights to OUT."""
+    from .gguf_synth import SHAPES, check_output, synthetic_size, write_synthetic_gguf
+
+    if shape not in SHAPES:
+        raise CliError(f"unknown shape {shape!r} (accepted: {', '.join(SHAPES)})")
+    total = synthetic_size(shape, dtype)
+    check_output(out, total, overwrite=force)  # before the first line of output: an error is one line
+    last = [0.0]
+
+    def progress(done: int, total: int, name: str) -> None:
+        # a line per ~5% on stderr: readable in logs of remote runs, where no terminal draws a bar
+        if done == total or done / total - last[0] >= 0.05:
+            last[0] = done / total
+            click.echo(f"  {done / total:6.1%}  {_mib(done)} / {_mib(total)}  {name}", err=True)
+
+    click.echo(f"writing {out}: {shape} {dtype}, {_mib(total)} of random weights", err=True)
+    result = write_synthetic_gguf(out, shape, dtype, seed=seed, progress=progress, overwrite=force)
+    click.echo(f"{result.path}  ({_count(result.n_params)} parameters, {_mib(result.file_size)}, "
+               f"{result.seconds:.1f} s)")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -1,0 +1,317 @@
+"""Model shapes from GGUF metadata, and the KV memory a context needs with and without a budget.
+
+Figures follow our patched llama.cpp (``llama-kv-budget.cpp``): a plain KV cache of ``length``
+cells padded to 256, or, with a budget C, a cache of ``pad256(C + max(S, n_ubatch))`` cells
+whatever the length, plus a per-layer F32 ring buffer of the last W post-RoPE queries.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .models import ModelError, check_gguf
+
+# KV cache types llama.cpp offers (--cache-type-k/-v); sizes come from gguf.GGML_QUANT_SIZES
+KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
+# what llama_kv_budget_configure accepts for type_k/type_v
+BUDGET_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0")
+
+CELL_PAD = 256              # llama.cpp pads n_ctx (and the budget's cell count) to 256
+DEFAULT_KV_WINDOW = 32      # llama_kv_budget_params defaults
+DEFAULT_EVICT_INTERVAL = 64
+DEFAULT_N_UBATCH = 512      # llama_context_default_params().n_ubatch
+
+# Architectures whose memory in llama.cpp is the plain KV cache with full attention in every layer
+# (each builds its graph with build_attn_inp_kv); kept short on purpose: others may work but are untested.
+# Mistral 7B and Mistral Nemo are stored as "llama".
+BUDGET_ARCHITECTURES = (
+    "llama", "qwen2", "qwen3", "phi3", "granite", "stablelm", "starcoder2", "olmo", "olmo2",
+    "internlm2", "exaone", "deepseek", "smollm3", "mistral3",
+)
+# architectures whose llama.cpp loader ignores a sliding_window key (so the cache stays plain)
+_SWA_KEY_IGNORED = ("llama", "phi3")
+
+# the refusals, by what the memory is (names as llama-arch.cpp spells them)
+_RECURRENT = ("mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7")
+_HYBRID = ("jamba", "falcon-h1", "plamo2", "granitehybrid", "lfm2", "lfm2moe", "nemotron_h", "nemotron_h_moe",
+           "qwen3next", "qwen35", "qwen35moe", "kimi-linear", "minimax-01")
+_MLA = ("deepseek2", "deepseek32", "minicpm3", "glm-dsa")
+_ENCODER = ("bert", "modern-bert", "nomic-bert", "nomic-bert-moe", "neo-bert", "jina-bert-v2", "jina-bert-v3",
+            "eurobert", "t5encoder", "gemma-embedding", "llama-embed")
+_SLIDING = ("gemma2", "gemma3", "gemma3n", "gemma4", "cohere2", "cohere2moe", "llama4", "gpt-oss",
+            "granite_swa", "exaone4", "mimo2", "step35")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What decides a model's KV memory, read from a GGUF file's metadata."""
+
+    path: str
+    architecture: str
+    name: str | None
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int              # the largest per-layer value if the file lists one per layer
+    head_k: int
+    head_v: int
+    n_ctx_train: int | None
+    n_vocab: int | None
+    file_type: str | None       # e.g. "Q4_1", "F16"; None if the file does not say
+    sliding_window: int | None  # the {arch}.attention.sliding_window key, if present
+    is_mla: bool
+    n_params: int               # sum of the tensors' element counts
+    file_size: int
+    n_head_kv_per_layer: tuple[int, ...] | None = None  # only when the file stores an array
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def kv_heads_per_layer(self) -> tuple[int, ...]:
+        return self.n_head_kv_per_layer or (self.n_head_kv,) * self.n_layer
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["n_head_kv_per_layer"] = list(self.n_head_kv_per_layer) if self.n_head_kv_per_layer else None
+        d["notes"] = list(self.notes)
+        return d
+
+
+@dataclass(frozen=True)
+class KVMemoryPlan:
+    """Bytes of K+V for a full cache of ``length`` tokens and, with a budget, for the fixed-size cache."""
+
+    cache_type: str
+    length: int
+    bytes_per_token: int
+    full_cells: int
+    full_bytes: int
+    kv_budget: int | None = None
+    kv_window: int | None = None
+    kv_evict_interval: int | None = None
+    n_ubatch: int | None = None
+    budget_cells: int | None = None
+    budget_kv_bytes: int | None = None
+    query_window_bytes: int | None = None  # F32 ring buffer of the last W queries, all layers
+
+    @property
+    def budget_total_bytes(self) -> int | None:
+        if self.budget_kv_bytes is None or self.query_window_bytes is None:
+            return None
+        return self.budget_kv_bytes + self.query_window_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "budget_total_bytes": self.budget_total_bytes}
+
+
+def _pad(n: int, to: int = CELL_PAD) -> int:
+    return (n + to - 1) // to * to
+
+
+def _field(reader: Any, key: str) -> Any:
+    """A metadata value (a list for arrays), or None if the key is absent."""
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    return f.contents()
+
+
+def _array_len(reader: Any, key: str) -> int | None:
+    f = reader.fields.get(key)
+    return None if f is None else len(f.data)
+
+
+def _file_type_name(value: int | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        from gguf import LlamaFileType
+        name = LlamaFileType(value).name
+    except (ImportError, ValueError):
+        return f"type {value}"
+    return name.replace("MOSTLY_", "").replace("ALL_", "")
+
+
+def _per_layer(value: Any, what: str, notes: list[str]) -> tuple[int, tuple[int, ...] | None]:
+    """A hyperparameter that may be one number or one per layer: (the largest, the array or None)."""
+    if isinstance(value, list):
+        values = tuple(int(v) for v in value)
+        if not values:
+            raise ModelError(f"{what} is an empty array")
+        if len(set(values)) > 1:
+            notes.append(f"{what} differs per layer ({min(values)}..{max(values)}); the largest is shown")
+        return max(values), values
+    return int(value), None
+
+
+def read_model_shape(path: str | os.PathLike) -> ModelShape:
+    """Read a GGUF file's architecture and attention shape (metadata only; tensor data is not read)."""
+    from gguf import GGUFReader
+
+    path = check_gguf(Path(path))
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, KeyError, TypeError, OSError) as e:
+        raise ModelError(f"cannot read GGUF file {path}: {e}") from None
+
+    arch = _field(reader, "general.architecture")
+    if not arch:
+        raise ModelError(f"GGUF file {path} has no general.architecture key (expected a model, "
+                         f"e.g. 'llama'); is it a LoRA adapter or a vocabulary-only file?")
+
+    def req(key: str) -> Any:
+        value = _field(reader, key.format(arch=arch))
+        if value is None:
+            raise ModelError(f"GGUF file {path} (architecture {arch}) lacks the key {key.format(arch=arch)}")
+        return value
+
+    notes: list[str] = []
+    n_layer = int(req("{arch}.block_count"))
+    n_embd = int(req("{arch}.embedding_length"))
+    n_head, _ = _per_layer(req("{arch}.attention.head_count"), "head_count", notes)
+    kv = _field(reader, f"{arch}.attention.head_count_kv")
+    if kv is None:
+        n_head_kv, kv_per_layer = n_head, None  # llama.cpp's default: no grouped-query attention
+    else:
+        n_head_kv, kv_per_layer = _per_layer(kv, "head_count_kv", notes)
+    if kv_per_layer is not None and len(kv_per_layer) != n_layer:
+        raise ModelError(f"GGUF file {path}: head_count_kv has {len(kv_per_layer)} entries for {n_layer} layers")
+
+    head_default = n_embd // n_head if n_head else 0
+    head_k = int(_field(reader, f"{arch}.attention.key_length") or head_default)
+    head_v = int(_field(reader, f"{arch}.attention.value_length") or head_default)
+
+    n_vocab = _field(reader, f"{arch}.vocab_size")
+    if n_vocab is None:
+        n_vocab = _array_len(reader, "tokenizer.ggml.tokens")
+    ctx = _field(reader, f"{arch}.context_length")
+    swa = _field(reader, f"{arch}.attention.sliding_window")
+    if isinstance(swa, list):  # a few converters write one value per layer
+        swa = max(swa) if swa else None
+    ftype = _field(reader, "general.file_type")
+
+    shape = ModelShape(
+        path=str(path),
+        architecture=str(arch),
+        name=_field(reader, "general.name"),
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_k=head_k,
+        head_v=head_v,
+        n_ctx_train=None if ctx is None else int(ctx),
+        n_vocab=None if n_vocab is None else int(n_vocab),
+        file_type=_file_type_name(None if ftype is None else int(ftype)),
+        sliding_window=None if swa is None else int(swa),
+        is_mla=f"{arch}.attention.kv_lora_rank" in reader.fields,
+        n_params=sum(int(t.n_elements) for t in reader.tensors),
+        file_size=path.stat().st_size,
+        n_head_kv_per_layer=kv_per_layer,
+        notes=tuple(notes),
+    )
+    del reader  # releases the memory map
+    return shape
+
+
+def budget_support(shape: ModelShape) -> tuple[bool, str]:
+    """Whether our patched llama.cpp can run this model with a KV budget, and why (or why not)."""
+    arch = shape.architecture
+    accepted = (f"supported: plain-KV-cache decoders without a sliding window: "
+                f"{', '.join(BUDGET_ARCHITECTURES)}")
+
+    def no(memory: str) -> tuple[bool, str]:
+        return False, f"KV budgets are not supported for architecture {arch}: {memory} ({accepted})"
+
+    if arch in _RECURRENT:
+        return no("its memory is a recurrent state, not a KV cache")
+    if arch in _HYBRID:
+        return no("its memory is hybrid (recurrent state and KV cache)")
+    if arch in _MLA or shape.is_mla:
+        return no("it uses multi-head latent attention (MLA), whose cache holds compressed latents")
+    if arch in _ENCODER:
+        return no("it is an encoder/embedding model without a KV cache")
+    if arch in _SLIDING:
+        return no("it uses sliding-window attention (iSWA cache)")
+    swa = shape.sliding_window or 0
+    if swa > 0 and arch not in _SWA_KEY_IGNORED:
+        return no(f"the file sets a sliding window of {swa} tokens (iSWA cache)")
+    if arch not in BUDGET_ARCHITECTURES:
+        return False, f"architecture {arch} is not known to work with KV budgets ({accepted})"
+    reason = f"architecture {arch} uses llama.cpp's plain KV cache"
+    if swa > 0:
+        reason += f" (the file's sliding window of {swa} is ignored by llama.cpp for {arch})"
+    return True, reason
+
+
+def _cache_quant_size(cache_type: str) -> tuple[int, int]:
+    """(values per block, bytes per block) of a KV cache type."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    if cache_type not in KV_CACHE_TYPES:
+        raise ValueError(f"unknown cache type {cache_type!r} (accepted: {', '.join(KV_CACHE_TYPES)})")
+    return GGML_QUANT_SIZES[GGMLQuantizationType[cache_type.upper()]]
+
+
+def kv_bytes_per_token(shape: ModelShape, cache_type: str = "f16") -> int:
+    """Bytes of K and V that one cell (token) takes in every layer: n_head_kv*(head_k+head_v) values per layer."""
+    block, size = _cache_quant_size(cache_type)
+    total = 0
+    for n_kv in shape.kv_heads_per_layer:
+        for head in (shape.head_k, shape.head_v):
+            n = n_kv * head
+            if n % block:
+                raise ValueError(f"cache type {cache_type} stores blocks of {block} values; a row of "
+                                 f"{n_kv} KV heads x {head} is not a multiple of it")
+            total += n // block * size
+    return total
+
+
+def query_window_bytes(shape: ModelShape, kv_window: int = DEFAULT_KV_WINDOW) -> int:
+    """The budget's ring buffer: F32 [head_k*n_head, W] per layer that has a KV cache."""
+    layers = sum(1 for n_kv in shape.kv_heads_per_layer if n_kv > 0)
+    return layers * shape.n_head * shape.head_k * kv_window * 4
+
+
+def budget_cells(kv_budget: int, kv_evict_interval: int = DEFAULT_EVICT_INTERVAL,
+                 n_ubatch: int = DEFAULT_N_UBATCH) -> int:
+    """Cells the patched llama.cpp allocates for a budget C: after an eviction C are in use, and one
+    more ubatch (prefill) or S tokens (decode) must fit; independent of n_ctx."""
+    return _pad(kv_budget + max(kv_evict_interval, n_ubatch))
+
+
+def plan_kv_memory(shape: ModelShape, length: int, *, cache_type: str = "f16", kv_budget: int | None = None,
+                   kv_evict_interval: int = DEFAULT_EVICT_INTERVAL, n_ubatch: int = DEFAULT_N_UBATCH,
+                   kv_window: int = DEFAULT_KV_WINDOW) -> KVMemoryPlan:
+    """KV memory of a context of ``length`` tokens, and of a budget of ``kv_budget`` cells if given.
+
+    Valid for plain KV caches (see budget_support); sliding-window models use less than the full figure.
+    """
+    if length < 1:
+        raise ValueError(f"length must be at least 1 token, got {length}")
+    per_token = kv_bytes_per_token(shape, cache_type)
+    full_cells = _pad(length)
+    plan = KVMemoryPlan(cache_type=cache_type, length=length, bytes_per_token=per_token,
+                        full_cells=full_cells, full_bytes=full_cells * per_token)
+    if kv_budget is None:
+        return plan
+    # the same checks as llama_kv_budget_configure, so a plan never shows what the library refuses
+    if cache_type not in BUDGET_CACHE_TYPES:
+        raise ValueError(f"cache type {cache_type} cannot be used with a KV budget "
+                         f"(accepted: {', '.join(BUDGET_CACHE_TYPES)})")
+    if kv_window < 1:
+        raise ValueError(f"kv_window must be at least 1, got {kv_window}")
+    if kv_budget <= kv_window:
+        raise ValueError(f"kv_budget ({kv_budget}) must be greater than kv_window ({kv_window}): "
+                         f"the budget includes the protected recent window")
+    if kv_evict_interval < 1:
+        raise ValueError(f"kv_evict_interval must be at least 1, got {kv_evict_interval}")
+    if n_ubatch < 1:
+        raise ValueError(f"n_ubatch must be at least 1, got {n_ubatch}")
+    cells = budget_cells(kv_budget, kv_evict_interval, n_ubatch)
+    return KVMemoryPlan(**{**asdict(plan), "kv_budget": kv_budget, "kv_window": kv_window,
+                           "kv_evict_interval": kv_evict_interval, "n_ubatch": n_ubatch,
+                           "budget_cells": cells, "budget_kv_bytes": cells * per_token,
+                           "query_window_bytes": query_window_bytes(shape, kv_window)})
