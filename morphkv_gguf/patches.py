@@ -175,7 +175,7 @@ def _description(path: Path) -> str:
         return ""
     text = path.read_text()
     idx = text.find("diff --git ")
-    return text[:idx] if idx > 0 else ""
+    return text if idx < 0 else text[:idx]  # a file with no diff yet is all description
 
 
 def _diff(paths: VendorPaths, a: str, b: str | None) -> str:

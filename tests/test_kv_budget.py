@@ -3,6 +3,8 @@ structure, equality with the full cache below the budget, long prompts, refusals
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from llama_cpp import Llama, LogitsProcessorList
@@ -12,6 +14,8 @@ PROMPT = "Write a long story about a lighthouse keeper who records every passing
 
 def _llm(model_path, **kwargs) -> Llama:
     kwargs.setdefault("n_ctx", 2048)
+    # MORPHKV_TEST_GPU_LAYERS=99 runs the same checks with the layers (and the cache) on the GPU
+    kwargs.setdefault("n_gpu_layers", int(os.environ.get("MORPHKV_TEST_GPU_LAYERS", "0")))
     return Llama(model_path=str(model_path), n_threads=2, seed=1, verbose=False, **kwargs)
 
 
@@ -142,19 +146,15 @@ def test_native_refusal_does_not_crash(model_path):
     assert _generate(_llm(model_path, kv_budget=128), 4)
 
 
-@pytest.mark.parametrize("fusion, granularity", [("sum", "head"), ("max", "head"), ("sum", "token"), ("max", "token")])
-def test_native_selection_matches_the_numpy_reference(model_path, fusion, granularity):
-    """Snapshot the next eviction's inputs, let it run, and compare what every head kept with
-    morphkv_gguf.policies on the same queries and keys. Cells whose reference score lies within a
-    small tolerance of the cut may swap (F16 keys, F32 vs F64 arithmetic): that is the only slack."""
-    budget, window, interval = 64, 8, 16
-    llm = _llm(model_path, kv_budget=budget, kv_window=window, kv_evict_interval=interval,
-               kv_fusion=fusion, kv_group_reduce=fusion, kv_granularity=granularity)
-    meta = llm.metadata
-    n_head = int(meta["llama.attention.head_count"])
-    n_head_kv = int(meta["llama.attention.head_count_kv"])
+def _snapshot(llm: Llama) -> dict:
     n_layer = llm.kv_budget_info()["n_layer"]
+    return {"n_evictions": llm.kv_budget_info()["n_evictions"],
+            "layers": [llm.kv_budget_layer_state(il) for il in range(n_layer)],
+            "positions": [llm.kv_budget_positions(il) for il in range(n_layer)]}
 
+
+def _check_evictions(llm: Llama, budget: int, interval: int, n_checks: int, check) -> None:
+    """Snapshot the inputs of evictions 2, 3, ... (n_checks of them), let each run, then ``check``."""
     snapshot = None
     checked = 0
     for _ in _greedy(llm):
@@ -162,65 +162,175 @@ def test_native_selection_matches_the_numpy_reference(model_path, fusion, granul
         if snapshot is not None:
             # the eviction ran before the last token was added: cells [0, budget) per head now
             assert info["n_evictions"] == snapshot["n_evictions"] + 1
-            _check_against_reference(llm, snapshot, budget, window, fusion, granularity, n_head, n_head_kv)
+            check(snapshot)
             checked += 1
             snapshot = None
-            if checked == 2:
+            if checked == n_checks:
                 break
         elif info["n_used"] >= budget + interval and info["n_evictions"] >= 1:
-            snapshot = {"n_evictions": info["n_evictions"],
-                        "layers": [llm.kv_budget_layer_state(il) for il in range(n_layer)],
-                        "positions": [llm.kv_budget_positions(il) for il in range(n_layer)]}
-    assert checked == 2
+            snapshot = _snapshot(llm)
+    assert checked == n_checks
 
 
-def _check_against_reference(llm, snapshot, budget, window, fusion, granularity, n_head, n_head_kv):
+def _heads(llm: Llama) -> tuple[int, int]:
+    meta = llm.metadata
+    return int(meta["llama.attention.head_count"]), int(meta["llama.attention.head_count_kv"])
+
+
+@pytest.mark.parametrize("fusion, granularity", [("sum", "head"), ("max", "head"), ("sum", "token"), ("max", "token")])
+def test_native_selection_matches_the_numpy_reference(model_path, fusion, granularity):
+    """Snapshot the next eviction's inputs, let it run, and compare what every head kept with
+    morphkv_gguf.policies on the same queries and keys. Cells whose reference score lies within a
+    small tolerance of the cut may swap (F16 keys, F32 vs F64 arithmetic): that is the only slack."""
+    from morphkv_gguf import policies
+
+    budget, window, interval = 64, 8, 16
+    llm = _llm(model_path, kv_budget=budget, kv_window=window, kv_evict_interval=interval,
+               kv_fusion=fusion, kv_group_reduce=fusion, kv_granularity=granularity)
+    n_head, n_head_kv = _heads(llm)
+
+    def scores(st, classes):
+        q = st["queries"].reshape(window, n_head, -1)
+        k = st["keys"].reshape(-1, n_head_kv, q.shape[-1])
+        return policies.layer_scores(q, k, classes.evictable, fusion, fusion)
+
+    _check_evictions(llm, budget, interval, 2,
+                     lambda snap: _check_against_reference(llm, snap, budget, window, granularity, n_head_kv, scores))
+
+
+@pytest.mark.parametrize("granularity", ["head", "token"])
+def test_h2o_selection_and_carried_scores_match_the_numpy_reference(model_path, granularity):
+    """H2O: accumulated attention of every query since the last eviction (causal), plus what the kept
+    cells carried; the native scores after the eviction are the reference's, moved with their cells."""
+    from morphkv_gguf import policies
+
+    budget, window, interval = 64, 8, 16
+    rows = max(window, interval)
+    llm = _llm(model_path, kv_budget=budget, kv_window=window, kv_evict_interval=interval, kv_policy="h2o",
+               kv_granularity=granularity)
+    n_head, n_head_kv = _heads(llm)
+    totals: dict[int, np.ndarray] = {}
+
+    def scores(st, classes):
+        q = st["queries"].reshape(rows, n_head, -1)
+        k = st["keys"].reshape(-1, n_head_kv, q.shape[-1])
+        total = policies.h2o_scores(q, k, st["cell_pos"], st["pos_last_evict"], prev_scores=st["scores"])
+        totals[len(totals)] = total
+        return total
+
+    def check(snap):
+        totals.clear()
+        kept_cells = _check_against_reference(llm, snap, budget, window, granularity, n_head_kv, scores)
+        for il, total in totals.items():
+            after = llm.kv_budget_layer_state(il)["scores"]
+            if granularity == "head":
+                want = policies.h2o_carry(total, kept_cells[il])
+                got = after[:, :budget]
+            else:
+                want = policies.h2o_carry(total, kept_cells[il])
+                got = after[:, kept_cells[il]]
+            np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-3)  # F32 sums vs F64
+
+    _check_evictions(llm, budget, interval, 2, check)
+
+
+@pytest.mark.parametrize("granularity", ["head", "token"])
+def test_snapkv_compresses_the_prompt_once_like_the_numpy_reference(model_path, data_dir, granularity):
+    from morphkv_gguf import policies
+
+    budget, window = 64, 8
+    llm = _llm(model_path, kv_budget=budget, kv_window=window, kv_policy="snapkv", kv_granularity=granularity)
+    n_head, n_head_kv = _heads(llm)
+    prompt = llm.tokenize((data_dir / "sample.txt").read_text()[:900].encode())
+    llm.eval(prompt)
+    info = llm.kv_budget_info()
+    assert info["n_evictions"] == 0 and info["n_used"] == len(prompt) and info["n_cells"] == 2048
+    snap = _snapshot(llm)
+    llm.eval([llm.token_eos() - 1])  # the first single-token batch: the compression runs before it
+
+    def scores(st, classes):
+        q = st["queries"].reshape(window, n_head, -1)
+        k = st["keys"].reshape(-1, n_head_kv, q.shape[-1])
+        return policies.snapkv_scores(q, k, classes.evictable)
+
+    _check_against_reference(llm, snap, budget, window, granularity, n_head_kv, scores)
+    # then no more evictions: the cache grows
+    for _ in range(3):
+        llm.eval([llm.token_eos() - 2] * 40)
+    info = llm.kv_budget_info()
+    assert info["n_evictions"] == 1 and info["n_used"] == budget + 1 + 120
+
+
+def test_streaming_keeps_sinks_and_the_most_recent_tokens(model_path):
+    budget, window, interval, sinks = 64, 8, 16, 4
+    llm = _llm(model_path, kv_budget=budget, kv_window=window, kv_evict_interval=interval, kv_sinks=sinks,
+               kv_policy="streaming")
+    n = 0
+    for _ in _greedy(llm):
+        n += 1
+        pos_max = llm.n_tokens - 1
+        held = llm.kv_budget_positions(0)
+        n_used = llm.kv_budget_info()["n_used"]
+        want = set(range(sinks)) | set(range(pos_max - (n_used - sinks) + 1, pos_max + 1))
+        for il in (0, 15, 29):
+            for head in llm.kv_budget_positions(il):
+                assert set(head[head >= 0].tolist()) == want
+        assert (held[0] >= 0).sum() == n_used
+        if n == 250:
+            break
+    assert llm.kv_budget_info()["n_evictions"] >= 8
+
+
+def _check_against_reference(llm, snapshot, budget, window, granularity, n_head_kv, layer_scores_fn):
+    """Compare the cells kept by the eviction that ran after ``snapshot`` with the reference selection
+    on ``layer_scores_fn(layer_state, classes)``; returns the native kept cells per layer
+    ([n_head_kv, budget] per head, or [budget] for token granularity), in snapshot cell numbers."""
     from morphkv_gguf import policies
 
     after = [llm.kv_budget_positions(il) for il in range(len(snapshot["layers"]))]
     first = snapshot["layers"][0]
     classes = policies.classify_cells(first["cell_pos"], window, composite=first["composite"])
-    all_scores = []
-    for st in snapshot["layers"]:
-        q = st["queries"].reshape(window, n_head, -1)
-        d = q.shape[-1]
-        k = st["keys"].reshape(-1, n_head_kv, d)
-        all_scores.append(policies.layer_scores(q, k, classes.evictable, fusion, fusion))
+    all_scores = [layer_scores_fn(st, classes) for st in snapshot["layers"]]
+    n_prot = int(classes.protected.sum())
 
     def allowed_swaps(score_row, ref_cells, nat_cells):
+        """(every swapped cell scores within tolerance of the cut, swaps that are not exact ties): exact
+        ties are common with SnapKV, whose max-pool gives neighbouring cells the same score."""
         cut = np.sort(score_row[ref_cells])[0] if len(ref_cells) else 0.0
         diff = set(ref_cells.tolist()) ^ set(nat_cells.tolist())
-        return all(abs(score_row[c] - cut) <= 2e-3 * max(abs(cut), 1e-3) for c in diff), len(diff)
+        near = all(abs(score_row[c] - cut) <= 2e-3 * max(abs(cut), 1e-3) for c in diff)
+        return near, sum(abs(score_row[c] - cut) > 1e-12 * max(abs(cut), 1e-12) for c in diff)
 
     if granularity == "token":
         kept = policies.select_tokens(all_scores, classes, budget)
         total = sum(s.sum(axis=0) for s in all_scores)
-        got = set(after[0][0][after[0][0] >= 0].tolist()) - {after[0][0].max()}
-        ref_cells = np.array(sorted(kept))
         pos_of = {p: c for c, p in enumerate(snapshot["positions"][0][0]) if p >= 0}
-        nat_cells = np.array(sorted(pos_of[p] for p in got))
+        newest = after[0][0].max()  # the token decoded after the eviction
+        nat_cells = np.array(sorted(pos_of[p] for p in after[0][0][after[0][0] >= 0].tolist() if p != newest))
+        ref_cells = np.array(sorted(kept))
         ok, n_diff = allowed_swaps(np.where(classes.protected, np.inf, total), ref_cells[~classes.protected[ref_cells]],
                                    nat_cells[~classes.protected[nat_cells]])
         assert ok, f"token selection differs beyond ties ({n_diff} cells)"
-        return
+        return [nat_cells] * len(all_scores)
 
     n_swapped = n_compared = 0
+    native = []
     for il, scores in enumerate(all_scores):
         kept = policies.select_per_head(scores, classes, budget)
+        layer_cells = []
         for h in range(n_head_kv):
-            before_pos = snapshot["positions"][il][h]
-            want_cells = kept[h]
-            got_pos = after[il][h][:budget]
             pos_to_cell = {}
-            for c, p in enumerate(before_pos):
+            for c, p in enumerate(snapshot["positions"][il][h]):
                 if p >= 0:
                     pos_to_cell.setdefault(p, c)
-            nat_cells = np.array([pos_to_cell[p] for p in got_pos.tolist()])
+            nat_cells = np.array([pos_to_cell[p] for p in after[il][h][:budget].tolist()])
+            layer_cells.append(nat_cells)
             # protected cells first, newest first, identical in every head
-            assert np.array_equal(nat_cells[: classes.protected.sum()], want_cells[: classes.protected.sum()])
-            ok, n_diff = allowed_swaps(scores[h], want_cells[classes.protected.sum():],
-                                       nat_cells[classes.protected.sum():])
+            assert np.array_equal(nat_cells[:n_prot], kept[h][:n_prot])
+            ok, n_diff = allowed_swaps(scores[h], kept[h][n_prot:], nat_cells[n_prot:])
             assert ok, f"layer {il} head {h}: selection differs beyond ties ({n_diff} cells)"
             n_swapped += n_diff
             n_compared += budget
+        native.append(np.array(layer_cells))
     assert n_swapped <= 0.02 * n_compared, f"{n_swapped} of {n_compared} kept cells differ"
+    return native

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Stock vs patched llama.cpp on the GPU machine (H100): decode speed at depth, long-prompt prefill,
+# KV buffer and peak GPU memory, on synthetic GGUFs in real shapes (morphkv gguf synth).
+#   phase build: carry .gpu/llama-stock.tar.xz .gpu/llama-patched.tar.xz (+ gguf-py inside them);
+#                builds llama-bench for sm_90 from both trees in parallel and writes the synthetic
+#                models into /tmp (resumable: a second `build` continues where a cut-off one stopped)
+#   phase run:   llama-bench per tree and budget (one process each, GPU memory sampled), JSON into $OUT
+# Prepare here: scripts/gpu_bench_prepare.sh. Summarise there: scripts/bench_summary.py $OUT
+set -euo pipefail
+work=/tmp/mkvbench
+mkdir -p "$work"
+shapes="${MORPHKV_BENCH_SHAPES:-llama-3.2-1b llama-3.1-8b}"
+depths="${MORPHKV_BENCH_DEPTHS:-0,4096,16384,65536,131072}"
+budgets="${MORPHKV_BENCH_BUDGETS:-1024 2048 4096}"
+prefill="${MORPHKV_BENCH_PREFILL:-131072}"
+
+configure() {  # tree
+    [ -f "$work/build-$1/build.ninja" ] && return 0
+    mkdir -p "$work/src-$1" && tar -xJf ".gpu/llama-$1.tar.xz" -C "$work/src-$1"
+    cmake -S "$work/src-$1" -B "$work/build-$1" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
+        -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_SERVER=OFF \
+        -DGGML_CUDA_FA_QUANTS=f16-f16 > "$OUT/configure-$1.log" 2>&1
+}
+
+case "${1:?usage: gpu_bench.sh build|run}" in
+build)
+    configure stock
+    configure patched
+    # the synthetic models are written while the two trees compile (8 jobs each)
+    ( export PYTHONPATH="$work/src-patched/gguf-py:$PWD"
+      for s in $shapes; do
+          [ -f "$work/$s.gguf" ] || python3 -m morphkv_gguf gguf synth "$s" "$work/$s.gguf" --type f16
+      done > "$OUT/synth.log" 2>&1 ) &
+    synth=$!
+    cmake --build "$work/build-stock" --target llama-bench -j 8 > "$OUT/build-stock.log" 2>&1 &
+    stock=$!
+    cmake --build "$work/build-patched" --target llama-bench -j 8 > "$OUT/build-patched.log" 2>&1
+    wait $stock; wait $synth
+    tail -1 "$OUT/build-stock.log" "$OUT/build-patched.log" "$OUT/synth.log"
+    ls -la "$work"/*.gguf
+    ;;
+run)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+    bench() {  # name tree model extra-args...
+        local name=$1 tree=$2 model=$3; shift 3
+        nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/$name.mem" &
+        local smi=$!
+        local t0=$SECONDS
+        "$work/build-$tree/bin/llama-bench" -m "$model" -ngl 99 -fa 1 -r 2 -o json --verbose "$@" \
+            > "$OUT/$name.json" 2> "$OUT/$name.log" || echo "$name failed: $?" | tee -a "$OUT/failures.txt"
+        kill $smi; wait $smi 2>/dev/null || true
+        echo "$name: $((SECONDS - t0)) s, peak $(sort -n "$OUT/$name.mem" | tail -1) MiB, $(grep -m1 -o 'KV buffer size = *[0-9.]* MiB' "$OUT/$name.log" || echo 'KV ?')" | tee -a "$OUT/summary.txt"
+    }
+    for s in $shapes; do
+        m="$work/$s.gguf"
+        bench "$s-stock-tg" stock "$m" -p 0 -n 64 -d "$depths"
+        bench "$s-patched-tg" patched "$m" -p 0 -n 64 -d "$depths"
+        for c in $budgets; do
+            bench "$s-kvb$c-tg" patched "$m" -p 0 -n 64 -d "$depths" -kvb "$c"
+        done
+        bench "$s-stock-pp" stock "$m" -p "$prefill" -n 0 -r 1
+        bench "$s-kvb2048-pp" patched "$m" -p "$prefill" -n 0 -r 1 -kvb 2048
+    done
+    ;;
+*) echo "unknown phase '$1' (accepted: build, run)" >&2; exit 2 ;;
+esac

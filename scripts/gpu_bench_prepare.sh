@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Pack what scripts/gpu_bench.sh needs on the GPU machine into .gpu/ (git-excluded): the patched and
+# the stock llama.cpp trees, only the parts a CUDA build of llama-bench reads, plus gguf-py for
+# `morphkv gguf synth` (the GPU machine has no gguf package).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+mkdir -p "$root/.gpu"
+grep -qx ".gpu/" "$root/.git/info/exclude" 2>/dev/null || { mkdir -p "$root/.git/info"; echo ".gpu/" >> "$root/.git/info/exclude"; }
+pack() {  # tree-dir out
+    tar -C "$1" -cJf "$2" --exclude='ggml/src/ggml-vulkan' --exclude='ggml/src/ggml-sycl' --exclude='ggml/src/ggml-opencl' \
+        --exclude='ggml/src/ggml-cann' --exclude='ggml/src/ggml-musa' --exclude='ggml/src/ggml-metal' \
+        --exclude='ggml/src/ggml-webgpu' --exclude='ggml/src/ggml-hexagon' --exclude='ggml/src/ggml-zdnn' \
+        --exclude='tools/server/public*' --exclude='tools/ui' --exclude='*.gguf' \
+        CMakeLists.txt cmake ggml src include common vendor tools app gguf-py $(cd "$1" && ls -d licenses LICENSE 2>/dev/null)
+    echo "$2: $(du -h "$2" | cut -f1)"
+}
+pack "${MORPHKV_PATCHED_TREE:-$root/vendor/llama.cpp}" "$root/.gpu/llama-patched.tar.xz"
+pack "$root/vendor/stock/vendor/llama.cpp" "$root/.gpu/llama-stock.tar.xz"
