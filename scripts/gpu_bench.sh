@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Stock vs patched llama.cpp on the GPU machine (H100): decode speed at depth, long-prompt prefill,
 # KV buffer and peak GPU memory, on synthetic GGUFs in real shapes (morphkv gguf synth).
-#   phase build: carry .gpu/llama-stock.tar.xz .gpu/llama-patched.tar.xz (+ gguf-py inside them);
-#                builds llama-bench for sm_90 from both trees in parallel and writes the synthetic
-#                models into /tmp (resumable: a second `build` continues where a cut-off one stopped)
+#   phase build: carry .gpu/llama-stock.tar.xz .gpu/llama-patched.tar.xz (+ gguf-py inside them) and
+#                .gpu/model.part.00; builds llama-bench for sm_90 from both trees in parallel and writes
+#                the synthetic models into /tmp (resumable: a second `build` continues where a cut-off
+#                one stopped)
+#   phase test:  carry .gpu/model.part.01 .gpu/llama_cpp_py.tar.xz; the native-vs-NumPy-reference
+#                eviction tests (tests/test_kv_budget.py) with the default model on the GPU (CUDA libllama)
 #   phase run:   llama-bench per tree and budget (one process each, GPU memory sampled), JSON into $OUT
 # Prepare here: scripts/gpu_bench_prepare.sh. Summarise there: scripts/bench_summary.py $OUT
 set -euo pipefail
@@ -23,8 +26,9 @@ configure() {  # tree
         -DGGML_CUDA_FA_QUANTS=f16-f16 > "$OUT/configure-$1.log" 2>&1
 }
 
-case "${1:?usage: gpu_bench.sh build|run}" in
+case "${1:?usage: gpu_bench.sh build|test|run}" in
 build)
+    [ -f .gpu/model.part.00 ] && cp .gpu/model.part.00 "$work/"
     configure stock
     configure patched
     # the synthetic models are written while the two trees compile (8 jobs each)
@@ -39,6 +43,15 @@ build)
     wait $stock; wait $synth
     tail -1 "$OUT/build-stock.log" "$OUT/build-patched.log" "$OUT/synth.log"
     ls -la "$work"/*.gguf
+    ;;
+test)
+    cat "$work/model.part.00" .gpu/model.part.01 > "$work/model.gguf"
+    mkdir -p "$work/py" "$work/stub" && tar -xJf .gpu/llama_cpp_py.tar.xz -C "$work/py"
+    echo "class Cache: pass" > "$work/stub/diskcache.py"
+    export PYTHONPATH="$work/py:$work/stub:$PWD" LLAMA_CPP_LIB_PATH="$work/build-patched/bin"
+    export MORPHKV_MODEL="$work/model.gguf" MORPHKV_TEST_GPU_LAYERS=99
+    python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(sys.argv[1:]))" tests/test_kv_budget.py -q -p no:cacheprovider \
+        -k "reference or streaming or memory_stays_constant or below_the_budget" 2>&1 | tee "$OUT/pytest-cuda.txt" | tail -15
     ;;
 run)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -63,5 +76,5 @@ run)
         bench "$s-kvb2048-pp" patched "$m" -p "$prefill" -n 0 -r 1 -kvb 2048
     done
     ;;
-*) echo "unknown phase '$1' (accepted: build, run)" >&2; exit 2 ;;
+*) echo "unknown phase '$1' (accepted: build, test, run)" >&2; exit 2 ;;
 esac

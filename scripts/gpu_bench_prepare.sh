@@ -16,3 +16,8 @@ pack() {  # tree-dir out
 }
 pack "${MORPHKV_PATCHED_TREE:-$root/vendor/llama.cpp}" "$root/.gpu/llama-patched.tar.xz"
 pack "$root/vendor/stock/vendor/llama.cpp" "$root/.gpu/llama-stock.tar.xz"
+# the Python side of the patched bindings (no native library) and the default model in two pieces
+tar -C "$root/vendor/llama-cpp-python" -cJf "$root/.gpu/llama_cpp_py.tar.xz" --exclude='llama_cpp/lib' --exclude='__pycache__' llama_cpp
+model="$("$root/.venv/bin/python" -c 'from morphkv_gguf.models import default_model_path; print(default_model_path())')"
+split -b 50m -d "$model" "$root/.gpu/model.part."
+ls -la "$root/.gpu"

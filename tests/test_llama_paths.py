@@ -126,7 +126,7 @@ def test_continuing_the_same_sequence_reuses_the_cache(model_path):
 def test_logits_all_grows_past_the_cache(model_path):
     llm = _llm(model_path, kv_budget=64, kv_window=16, kv_evict_interval=16, logits_all=True)
     assert len(llm.input_ids) < llm.n_ctx()  # not allocated for n_ctx
-    tokens = (llm.tokenize(b"The keeper wrote in her ledger every night. ") * 40)[:1500]
+    tokens = (llm.tokenize(b"The keeper wrote in her ledger every night. ") * 200)[:1500]
     llm.eval(tokens)
     assert llm.n_tokens == 1500 and len(llm.input_ids) >= 1500
     scores = llm.scores[: llm.n_tokens]
