@@ -89,14 +89,19 @@ def kv_budget_options(fn):
                      help="select per KV head (composite cells) or one set of tokens for all heads"),
         click.option("--kv-policy", type=click.Choice(["morphkv", "streaming", "h2o", "snapkv"]), default="morphkv",
                      show_default=True, help="how tokens are scored for eviction (the others are baselines)"),
+        click.option("--ubatch", "n_ubatch", type=click.IntRange(min=1), default=512, show_default=True,
+                     help="physical batch size; with --kv-budget C the cache holds C + max(S, ubatch) cells "
+                          "(padded to 256), so a small ubatch makes the smallest cache"),
     ]
     import functools
 
     @functools.wraps(fn)
     def inner(*args, **kwargs):
         kv = {name: kwargs.pop(name) for name in list(kwargs) if name.startswith("kv_")}
+        n_ubatch = kwargs.pop("n_ubatch")
         if kv["kv_budget"] is None:
             kv = {}
+        kv.update(n_ubatch=n_ubatch, n_batch=max(n_ubatch, 512))
         return fn(*args, kv=kv, **kwargs)
 
     for option in reversed(options):
@@ -443,6 +448,53 @@ def gguf_synth(shape: str, out: Path, dtype: str, seed: int, force: bool) -> Non
     result = write_synthetic_gguf(out, shape, dtype, seed=seed, progress=progress, overwrite=force)
     click.echo(f"{result.path}  ({_count(result.n_params)} parameters, {_mib(result.file_size)}, "
                f"{result.seconds:.1f} s)")
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation of the KV policies on long answers
+
+@main.command(name="eval")
+@click.option("-m", "--model", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="GGUF model file [default: the default model]")
+@click.option("--quick", is_flag=True,
+              help="a subset that runs in minutes: 4 test prompts, 1024-token answers, budgets 64,256, "
+                   "policies full,full-shift,morphkv,streaming,h2o,snapkv (explicit options still apply)")
+@click.option("--budgets", default=None, help="KV budgets C in cells, comma-separated [default: 64,128,256,512]")
+@click.option("--policies", default=None,
+              help="comma-separated, from full, full-shift (the full cache in other batches: the numerical "
+                   "floor), morphkv, morphkv-max, morphkv-token, streaming, h2o, snapkv [default: all]")
+@click.option("--answer-tokens", type=click.IntRange(min=2), default=None,
+              help="tokens of each reference answer [default: 2048; --quick 1024]")
+@click.option("--prompts", "n_prompts", type=click.IntRange(min=1), default=None,
+              help="use the first N prompts of the split [default: all; --quick 4]")
+@click.option("--split", type=click.Choice(["dev", "test", "all"]), default="test", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="output directory [default: results/eval-<model stem>]")
+@click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all]")
+@click.option("--seed", type=int, default=1234, show_default=True, help="seed of the reference answers")
+@click.option("--window", type=click.IntRange(min=1), default=32, show_default=True, help="kv_window W")
+@click.option("--interval", type=click.IntRange(min=1), default=64, show_default=True, help="kv_evict_interval S")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="where reference answers are kept [default: ~/.cache/morphkv-gguf/eval]")
+@_fail_on(ValueError, OSError, RuntimeError)
+def eval_cmd(model: Path | None, quick: bool, budgets: str | None, policies: str | None, answer_tokens: int | None,
+             n_prompts: int | None, split: str, out_dir: Path | None, threads: int | None, seed: int, window: int,
+             interval: int, cache_dir: Path | None) -> None:
+    """Fidelity (KL, top-1, NLL vs the full cache), recall and KV memory of the policies on long answers."""
+    from . import evaluation as ev
+
+    cfg = ev.EvalConfig(
+        model=model, quick=quick, split=split, seed=seed, threads=threads, window=window, interval=interval,
+        budgets=ev.parse_budgets(budgets if budgets is not None else (ev.QUICK["budgets"] if quick else ev.DEFAULT_BUDGETS)),
+        policies=ev.parse_policies(policies if policies is not None else (ev.QUICK["policies"] if quick else ev.ALL_POLICIES)),
+        answer_tokens=answer_tokens or (ev.QUICK["answer_tokens"] if quick else ev.DEFAULT_ANSWER_TOKENS),
+        n_prompts=n_prompts or (ev.QUICK["prompts"] if quick else None),
+        cache_dir=cache_dir or ev.DEFAULT_CACHE_DIR)
+    out = out_dir or ev.default_out_dir(model)
+    doc = ev.run_eval(cfg)
+    paths = ev.write_outputs(doc, out)
+    click.echo(paths["markdown"].read_text())
+    click.echo(f"[{doc['wall_seconds']:.0f} s; wrote {', '.join(str(p) for p in paths.values())}]", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -93,7 +93,7 @@ def generate_text(prompt: str, *, model: str | os.PathLike | None = None, max_to
 
     ``kv``: the ``Llama`` kv_* keyword arguments (``kv_budget`` None or absent = the full cache).
     """
-    kv = {k: v for k, v in (kv or {}).items() if v is not None}
+    kv = {k: v for k, v in (kv or {}).items() if v is not None}  # kv_* and batch sizes for Llama
     load_start = time.perf_counter()
     llm = load_llama(model, n_ctx=n_ctx, seed=seed, n_threads=n_threads, **kv)
     load_s = time.perf_counter() - load_start

@@ -103,3 +103,124 @@ def select_tokens(layer_scores_list: list[np.ndarray], classes: CellClasses, bud
     """Token granularity: one set of ``budget`` cells for every head and layer (scores summed)."""
     total = sum(np.asarray(s, dtype=np.float64).sum(axis=0) for s in layer_scores_list)
     return np.sort(np.argsort(-_with_protection(total, classes), kind="stable")[:budget])
+
+
+# ---------------------------------------------------------------------------------------------
+# Baseline policies (kv_policy = "streaming", "h2o", "snapkv"): what the native code computes from
+# one layer's snapshot. Selection reuses classify_cells / select_per_head / select_tokens: protected
+# cells first (their score ignored), then the best evictable cells.
+
+POLICIES = ("morphkv", "streaming", "h2o", "snapkv")
+
+
+def streaming_scores(positions: npt.ArrayLike, classes: CellClasses) -> np.ndarray:
+    """StreamingLLM: an evictable cell scores its position (newer is better); [n_cells], 0 elsewhere."""
+    pos = np.asarray(positions, dtype=np.int64)
+    return np.where(classes.evictable, pos.astype(np.float64), 0.0)
+
+
+def streaming_select(positions: npt.ArrayLike, classes: CellClasses, budget: int) -> np.ndarray:
+    """Cells kept by StreamingLLM (sorted cell indices, one choice for every head): the protected cells
+    (last ``window`` positions and the first ``sinks``) plus the most recent evictable cells."""
+    s = _with_protection(streaming_scores(positions, classes), classes)
+    return np.sort(np.argsort(-s, kind="stable")[:budget])
+
+
+def ring_positions(pos_max: int, rows: int) -> np.ndarray:
+    """Position held by each slot of a query ring of ``rows`` rows written at slot ``pos % rows``:
+    the newest p <= pos_max with p % rows == r, -1 where no such position exists yet."""
+    r = np.arange(rows, dtype=np.int64)
+    p = pos_max - np.mod(pos_max - r, rows)
+    return np.where(p >= 0, p, -1)
+
+
+def h2o_increment(q_ring: npt.ArrayLike, keys: npt.ArrayLike, positions: npt.ArrayLike,
+                  pos_last_evict: int, pos_max: int | None = None) -> np.ndarray:
+    """Attention the cells received since the previous eviction, per KV head ([n_head_kv, n_cells]).
+
+    q_ring: [R, n_head, d] post-RoPE queries, row r = the query of position p_r (``ring_positions``);
+    keys: [n_cells, n_head_kv, d]; positions: [n_cells] cell positions (-1 empty), or
+    [n_head_kv, n_cells] per-head positions of composite cells, used for the causal mask.
+    Rows with p_r > pos_last_evict are counted: each query head's softmax(q.k / sqrt(d)) over the live
+    cells with position <= p_r, summed over the counted rows and over the query heads of each KV head.
+    ``pos_max`` defaults to the newest live position.
+    """
+    q = np.asarray(q_ring, dtype=np.float64)
+    k = np.asarray(keys, dtype=np.float64)
+    pos = np.asarray(positions, dtype=np.int64)
+    n_rows, n_head, d = q.shape
+    n_cells, n_head_kv, d_k = k.shape
+    if d != d_k or n_head % n_head_kv:
+        raise ValueError(f"shapes do not match: q_ring {q.shape}, keys {k.shape}")
+    group = n_head // n_head_kv
+    pos_kv = np.broadcast_to(pos, (n_head_kv, n_cells)) if pos.ndim == 1 else pos
+    if pos_kv.shape != (n_head_kv, n_cells):
+        raise ValueError(f"positions must be [n_cells] or [n_head_kv, n_cells], got {pos.shape}")
+    if pos_max is None:
+        live_pos = pos_kv[pos_kv >= 0]
+        pos_max = int(live_pos.max()) if live_pos.size else -1
+    pos_q = np.repeat(pos_kv, group, axis=0)                        # [n_head, n_cells]
+    k_per_q = np.repeat(k, group, axis=1)                          # [n_cells, n_head, d]
+    logits = np.einsum("rhd,chd->rhc", q, k_per_q) / np.sqrt(d)   # [R, n_head, n_cells]
+    p_r = ring_positions(pos_max, n_rows)
+    counted = (p_r >= 0) & (p_r > pos_last_evict)
+    total = np.zeros((n_head, n_cells))
+    for r in np.flatnonzero(counted):
+        visible = (pos_q >= 0) & (pos_q <= p_r[r])
+        x = np.where(visible, logits[r], -np.inf)
+        m = x.max(axis=-1, keepdims=True)
+        m = np.where(np.isfinite(m), m, 0.0)
+        e = np.where(visible, np.exp(x - m), 0.0)
+        z = e.sum(axis=-1, keepdims=True)
+        total += np.divide(e, z, out=np.zeros_like(e), where=z > 0)
+    return total.reshape(n_head_kv, group, n_cells).sum(axis=1)
+
+
+def h2o_scores(q_ring: npt.ArrayLike, keys: npt.ArrayLike, positions: npt.ArrayLike, pos_last_evict: int,
+               prev_scores: npt.ArrayLike | None = None, pos_max: int | None = None) -> np.ndarray:
+    """H2O's accumulated score per KV head and cell: ``prev_scores`` (0 for cells that entered since the
+    last eviction) + ``h2o_increment``. Select with select_per_head / select_tokens."""
+    inc = h2o_increment(q_ring, keys, positions, pos_last_evict, pos_max)
+    if prev_scores is None:
+        return inc
+    prev = np.asarray(prev_scores, dtype=np.float64)
+    if prev.shape != inc.shape:
+        raise ValueError(f"prev_scores must be {inc.shape}, got {prev.shape}")
+    return prev + inc
+
+
+def h2o_carry(scores: npt.ArrayLike, kept: npt.ArrayLike) -> np.ndarray:
+    """The accumulated scores the kept cells take into the next eviction ([n_head_kv, budget]).
+
+    kept: [n_head_kv, budget] from select_per_head (cell r of head h after the eviction holds kept[h, r])
+    or [budget] cells from select_tokens (the cells stay where they are; each head keeps its score)."""
+    s = np.asarray(scores, dtype=np.float64)
+    kept = np.asarray(kept, dtype=np.int64)
+    if kept.ndim == 1:
+        return s[:, kept]
+    return np.take_along_axis(s, kept, axis=1)
+
+
+def max_pool_cells(scores: npt.ArrayLike, kernel: int = 5) -> np.ndarray:
+    """1-D max pool along the cell axis (last axis), stride 1, padding kernel // 2; out-of-range cells
+    are ignored (not zero-padded)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"kernel must be a positive odd number, got {kernel}")
+    half = kernel // 2
+    n = s.shape[-1]
+    padded = np.full(s.shape[:-1] + (n + 2 * half,), -np.inf)
+    padded[..., half: half + n] = s
+    windows = np.lib.stride_tricks.sliding_window_view(padded, kernel, axis=-1)
+    return windows.max(axis=-1)
+
+
+def snapkv_scores(q_win: npt.ArrayLike, keys: npt.ArrayLike, evictable: npt.ArrayLike,
+                  fusion: str = "sum", group_reduce: str = "sum", kernel: int = 5) -> np.ndarray:
+    """SnapKV's scores ([n_head_kv, n_cells]): MorphKV's layer_scores of the observation window, then a
+    max pool of ``kernel`` cells per KV head along the cells (which are in position order at SnapKV's
+    one compression, right after the prompt); cells that are not evictable score 0 (protected cells
+    then take the protection bias in select_per_head / select_tokens)."""
+    ev = np.asarray(evictable, dtype=bool)
+    pooled = max_pool_cells(layer_scores(q_win, keys, ev, fusion, group_reduce), kernel)
+    return np.where(ev[None, :], pooled, 0.0)

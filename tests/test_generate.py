@@ -63,3 +63,36 @@ def test_cli_bad_option_value_is_rejected():
     result = CliRunner().invoke(main, ["generate", "hi", "-n", "0"])
     assert result.exit_code == 2
     assert "Invalid value for '-n' / '--max-tokens'" in result.output
+
+
+def test_cli_generate_with_a_budget_reports_constant_memory():
+    # --ubatch 16: the cache holds 256 cells (64 + 16, padded), fewer than the 300+ tokens generated
+    args = ["generate", "Write a long story about a harbour.", "-n", "300", "--ignore-eos", "--json", "-t", "2",
+            "--kv-budget", "64", "--kv-window", "16", "--kv-evict-interval", "16", "--ubatch", "16"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    mem = out["memory"]
+    assert out["usage"]["completion_tokens"] == 300
+    assert mem["budget_active"] and mem["n_evictions"] >= 10 and mem["n_cells"] == 256
+    assert mem["n_used"] <= 64 + 16
+    assert mem["kv_bytes"] < mem["full_cache_bytes_for_tokens"]
+    assert out["kv_settings"]["kv_budget"] == 64
+
+
+def test_cli_budget_not_above_the_window_is_one_line_error():
+    result = CliRunner().invoke(main, ["generate", "hi", "--kv-budget", "32"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "Error: kv_budget (32) must be greater than kv_window (32) + kv_sinks (0): the budget includes the "
+        "protected recent window and sinks"]
+
+
+def test_cli_chat_streams_turns_and_reports_memory():
+    script = "Hello, who are you?\n/reset\nTell me about lighthouses.\n/exit\n"
+    result = CliRunner().invoke(main, ["chat", "-n", "40", "-t", "2", "--temperature", "0", "--kv-budget", "48",
+                                       "--kv-window", "16", "--kv-evict-interval", "16"], input=script)
+    assert result.exit_code == 0, result.output
+    assert "[new conversation]" in result.output
+    status = [line for line in result.output.splitlines() if "KV cache" in line]
+    assert len(status) == 2 and all("cells" in line for line in status)

@@ -1,0 +1,1040 @@
+"""Long-answer fidelity, recall and memory of the KV policies (``morphkv eval``).
+
+For each prompt of ``data/eval_prompts.json`` the full cache generates a reference answer once
+(sampled, EOS masked, cached on disk). Every policy then reads the same prompt + reference answer +
+recall questions with teacher forcing, fed in pieces that keep the native eviction schedule exactly
+as in token-by-token generation (``max_piece``), and is compared with the full cache token by token:
+
+* KL(full || policy) of the next-token distributions, top-1 agreement, NLL of the reference tokens
+  (ratio to the full cache), overall and per position bin of the answer;
+* recall: facts stated before the task are asked about after the answer; the assistant's reply is
+  forced to "<answer prefix> <answer>": probability of the answer tokens, and exact match = every
+  answer token is the argmax given the right prefix (which is what greedy decoding of those tokens
+  would produce, since greedy decoding is deterministic);
+* memory: the KV bytes of the cache as the answer grows, from ``kv_budget_info()``.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .models import resolve_model
+
+DATA_FILE = Path(__file__).parent / "data" / "eval_prompts.json"
+DEFAULT_CACHE_DIR = Path(os.environ.get("MORPHKV_EVAL_CACHE", Path.home() / ".cache" / "morphkv-gguf" / "eval"))
+
+DEFAULT_BUDGETS = (64, 128, 256, 512)
+DEFAULT_ANSWER_TOKENS = 2048
+QUICK = {"prompts": 4, "answer_tokens": 1024, "budgets": (64, 256),
+         "policies": ("full", "full-shift", "morphkv", "streaming", "h2o", "snapkv")}
+SPLITS = ("dev", "test", "all")
+N_BINS = 4
+
+# the reference answers' sampler (our own, in NumPy, so that it is reproducible and independent of
+# llama-cpp-python's sampler chain): repeat penalty, DRY, top-k, temperature, top-p, EOS masked.
+# DRY (llama.cpp's "don't repeat yourself" penalty, over the answer): without it small models fall
+# into verbatim paragraph loops late in long answers, which the full cache then predicts by copying
+# from far back; the position bins would measure that artifact rather than long-answer fidelity.
+SAMPLING = {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "repeat_penalty": 1.1, "repeat_last_n": 64,
+            "dry_multiplier": 0.8, "dry_base": 1.75, "dry_allowed_length": 4}
+
+FACTS_INTRO = "Remember these facts; I will ask you about them after your answer."
+
+
+class EvalError(ValueError):
+    """A bad evaluation setting; the message says what is accepted."""
+
+
+# ---------------------------------------------------------------------------------------------
+# policies
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    kv: dict                # Llama kv_* keyword arguments besides kv_budget (empty for the full cache)
+    grows: bool             # the cache in use grows with the answer (full, snapkv)
+    native: str | None      # the native kv_policy, None for the full cache
+    description: str
+    first_single: bool = False  # the first answer token is decoded alone (SnapKV compresses then)
+
+    @property
+    def budgeted(self) -> bool:
+        return self.native is not None
+
+    def sinks(self) -> int:
+        return int(self.kv.get("kv_sinks", 0))
+
+
+POLICIES: dict[str, Policy] = {p.name: p for p in (
+    Policy("full", {}, True, None, "stock full cache (flash attention)"),
+    Policy("full-shift", {}, True, None, "the full cache read in pieces shifted by one token (the first answer token "
+           "alone, as SnapKV reads it): the numerical noise floor of batching; llama.cpp's results depend slightly "
+           "on how tokens are grouped into batches", first_single=True),
+    Policy("morphkv", {"kv_fusion": "sum", "kv_group_reduce": "sum", "kv_granularity": "head"}, False, "morphkv",
+           "MorphKV, sum fusion, per-head selection"),
+    Policy("morphkv-max", {"kv_fusion": "max", "kv_group_reduce": "max", "kv_granularity": "head"}, False, "morphkv",
+           "MorphKV, max fusion and max over the query-head group, per-head selection"),
+    Policy("morphkv-token", {"kv_fusion": "sum", "kv_group_reduce": "sum", "kv_granularity": "token"}, False,
+           "morphkv", "MorphKV, sum fusion, one selection for all heads and layers"),
+    Policy("streaming", {"kv_sinks": 4}, False, "streaming", "StreamingLLM: 4 sink tokens + the most recent"),
+    Policy("h2o", {}, False, "h2o", "H2O: accumulated attention (heavy hitters) + the recent window"),
+    Policy("snapkv", {}, True, "snapkv", "SnapKV: compress the prompt once, then keep every answer token",
+           first_single=True),
+)}
+ALL_POLICIES = tuple(POLICIES)
+
+
+def native_has_policy_keyword() -> bool:
+    """Whether the installed llama-cpp-python build accepts ``kv_policy``."""
+    from llama_cpp import Llama
+
+    return "kv_policy" in inspect.signature(Llama.__init__).parameters
+
+
+def parse_budgets(text: str | Iterable[int]) -> list[int]:
+    """"64,128" -> [64, 128] (sorted, unique); each budget an integer >= 1."""
+    items = [s.strip() for s in text.split(",")] if isinstance(text, str) else [str(b) for b in text]
+    out = []
+    for s in items:
+        if not s:
+            continue
+        try:
+            b = int(s)
+        except ValueError:
+            raise EvalError(f"bad budget {s!r} in the budget list (expected integers such as 64,128,256)") from None
+        if b < 1:
+            raise EvalError(f"bad budget {b} (a budget is a number of cells >= 1)")
+        out.append(b)
+    if not out:
+        raise EvalError("empty budget list (expected integers such as 64,128,256)")
+    return sorted(set(out))
+
+
+def parse_policies(text: str | Iterable[str]) -> list[str]:
+    items = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
+    out = []
+    for name in items:
+        if not name:
+            continue
+        if name not in POLICIES:
+            raise EvalError(f"unknown policy {name!r} (accepted: {', '.join(ALL_POLICIES)})")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise EvalError(f"empty policy list (accepted: {', '.join(ALL_POLICIES)})")
+    return out
+
+
+def budget_problem(policy: Policy, budget: int, window: int) -> str | None:
+    """Why the native code would refuse this budget, or None."""
+    if policy.budgeted and budget <= window + policy.sinks():
+        return (f"kv_budget {budget} must be greater than kv_window {window} + kv_sinks {policy.sinks()} "
+                f"(the budget includes the protected cells)")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts
+
+def load_prompts(split: str = "test", n: int | None = None, path: Path = DATA_FILE) -> list[dict]:
+    if split not in SPLITS:
+        raise EvalError(f"unknown split {split!r} (accepted: {', '.join(SPLITS)})")
+    prompts = json.loads(Path(path).read_text())["prompts"]
+    if split != "all":
+        prompts = [p for p in prompts if p["split"] == split]
+    if n is not None:
+        if n < 1:
+            raise EvalError(f"--prompts must be >= 1, got {n}")
+        prompts = prompts[:n]
+    return prompts
+
+
+def user_message(prompt: dict) -> str:
+    facts = "\n".join(f"- {f['statement']}" for f in prompt["facts"])
+    return f"{FACTS_INTRO}\n{facts}\n\n{prompt['task']}"
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics (rows are token positions, columns the vocabulary)
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def kl_divergence(lp_ref: np.ndarray, lp: np.ndarray) -> np.ndarray:
+    """KL(ref || other) per row, from log-probabilities."""
+    lp_ref = np.asarray(lp_ref, dtype=np.float64)
+    lp = np.asarray(lp, dtype=np.float64)
+    p = np.exp(lp_ref)
+    with np.errstate(invalid="ignore", over="ignore"):
+        terms = np.where(p > 0, p * (lp_ref - lp), 0.0)
+    return np.maximum(terms.sum(axis=-1), 0.0)
+
+
+def top1_agreement(lp_ref: np.ndarray, lp: np.ndarray) -> np.ndarray:
+    return np.argmax(lp_ref, axis=-1) == np.argmax(lp, axis=-1)
+
+
+def token_nll(lp: np.ndarray, targets: Iterable[int]) -> np.ndarray:
+    t = np.asarray(list(targets), dtype=np.int64)
+    return -np.asarray(lp, dtype=np.float64)[np.arange(len(t)), t]
+
+
+def nll_ratio(nll_policy: np.ndarray, nll_full: np.ndarray) -> float:
+    """Mean NLL of the reference tokens under the policy / under the full cache."""
+    den = float(np.mean(nll_full))
+    return float(np.mean(nll_policy)) / den if den > 0 else float("nan")
+
+
+def bin_edges(n: int, n_bins: int = N_BINS) -> list[tuple[int, int]]:
+    edges = np.linspace(0, n, n_bins + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def summarize_tokens(kl: np.ndarray, top1: np.ndarray, nll: np.ndarray, nll_full: np.ndarray,
+                     n_bins: int = N_BINS) -> dict:
+    """Means over the answer and per position bin."""
+    def part(a, b):
+        return {"start": a, "end": b, "kl": float(np.mean(kl[a:b])), "top1": float(np.mean(top1[a:b])),
+                "nll": float(np.mean(nll[a:b])), "nll_full": float(np.mean(nll_full[a:b])),
+                "nll_ratio": nll_ratio(nll[a:b], nll_full[a:b])}
+    out = part(0, len(kl))
+    out["bins"] = [part(a, b) for a, b in bin_edges(len(kl), n_bins) if b > a]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher-forcing schedule
+
+def max_piece(n_used: int, budget: int | None, interval: int, n_ubatch: int, remaining: int) -> int:
+    """Tokens the next batch may hold so that decoding it equals decoding its tokens one at a time.
+
+    Before every ubatch the native code evicts down to ``budget`` cells when n_used >= budget +
+    interval; inside a batch it never evicts. So a batch starting at n_used (after that check) may
+    hold budget + interval - n_used tokens. Without a budget: n_ubatch.
+    """
+    if remaining <= 0:
+        return 0
+    if budget is None:
+        return min(n_ubatch, remaining)
+    u = budget if n_used >= budget + interval else n_used
+    return max(1, min(budget + interval - u, n_ubatch, remaining))
+
+
+def plan_pieces(n_tokens: int, n_used: int, budget: int | None, interval: int, n_ubatch: int,
+                first_single: bool = False) -> list[int]:
+    """Piece sizes for ``n_tokens`` answer tokens (pure simulation of the eviction rule; the evaluation
+    itself asks the native cache for n_used before each piece). ``first_single``: SnapKV, which
+    compresses right before the first single-token batch, gets the first token alone and then never
+    evicts (budget None for the rest)."""
+    pieces = []
+    done = 0
+    if first_single and n_tokens > 0:
+        pieces.append(1)
+        done = 1
+        budget = None
+    while done < n_tokens:
+        k = max_piece(n_used, budget, interval, n_ubatch, n_tokens - done)
+        if budget is not None and n_used >= budget + interval:
+            n_used = budget
+        n_used += k
+        done += k
+        pieces.append(k)
+    return pieces
+
+
+def simulate_token_by_token(n_tokens: int, n_used: int, budget: int, interval: int) -> list[int]:
+    """n_used after each token when tokens are decoded one at a time (the generation reference)."""
+    out = []
+    for _ in range(n_tokens):
+        if n_used >= budget + interval:
+            n_used = budget
+        n_used += 1
+        out.append(n_used)
+    return out
+
+
+def simulate_pieces(pieces: list[int], n_used: int, budget: int, interval: int) -> list[int]:
+    """n_used after each token when the tokens are decoded in ``pieces``; an eviction may run only
+    before a piece."""
+    out = []
+    for k in pieces:
+        if n_used >= budget + interval:
+            n_used = budget
+        for _ in range(k):
+            n_used += 1
+            out.append(n_used)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the sequence every policy reads: prompt + reference answer + recall questions and answers
+
+@dataclass
+class Sequence:
+    prompt: list[int]
+    answer: list[int]
+    tail: list[int]
+    recall: list[dict]          # per fact: kind, answer, start (index in tail), tokens
+
+    @property
+    def stream(self) -> list[int]:
+        return self.answer + self.tail
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.answer) + len(self.tail)
+
+
+class ChatFormat:
+    """The model's chat template (GGUF metadata), split into the text around each assistant turn."""
+
+    PLACEHOLDER = "\x00MORPHKV_TURN_{}\x00"
+
+    def __init__(self, llm):
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self.llm = llm
+        template = llm.metadata.get("tokenizer.chat_template")
+        if template:
+            def special(tok: int) -> str:
+                return llm.detokenize([tok], special=True).decode("utf-8", errors="ignore") if tok >= 0 else ""
+            self.formatter = Jinja2ChatFormatter(template=template, eos_token=special(llm.token_eos()),
+                                                 bos_token=special(llm.token_bos()))
+        else:
+            self.formatter = None
+
+    def _render(self, messages: list[dict], generation_prompt: bool) -> tuple[str, bool]:
+        if self.formatter is None:  # no template: a plain transcript
+            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+            return text + ("Assistant: " if generation_prompt else ""), False
+        self.formatter.add_generation_prompt = generation_prompt
+        r = self.formatter(messages=messages)
+        return r.prompt, bool(getattr(r, "added_special", False))
+
+    def segments(self, users: list[str]) -> tuple[list[str], bool]:
+        """Texts before assistant turn 0, between turns 0 and 1, ...: len(users) segments."""
+        messages = []
+        for i, u in enumerate(users):
+            messages += [{"role": "user", "content": u}, {"role": "assistant", "content": self.PLACEHOLDER.format(i)}]
+        text, added_special = self._render(messages, generation_prompt=False)
+        segs = []
+        rest = text
+        for i in range(len(users)):
+            before, sep, rest = rest.partition(self.PLACEHOLDER.format(i))
+            if not sep:
+                raise EvalError("the model's chat template does not place the assistant's text verbatim")
+            segs.append(before)
+        return segs, added_special
+
+    def tokens(self, text: str, first: bool, added_special: bool) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=first and not added_special, special=True)
+
+    def prompt_tokens(self, user: str) -> list[int]:
+        segs, added = self.segments([user])
+        return self.tokens(segs[0], True, added)
+
+    def build(self, prompt: dict, answer: list[int]) -> Sequence:
+        """prompt tokens, answer, then per fact: end of turn + question + assistant start + forced reply."""
+        facts = prompt["facts"]
+        segs, added = self.segments([user_message(prompt)] + [f["question"] for f in facts])
+        prompt_toks = self.tokens(segs[0], True, added)
+        tail: list[int] = []
+        recall = []
+        for f, seg in zip(facts, segs[1:]):
+            tail += self.tokens(seg, False, added)
+            pre = self.llm.tokenize(f["answer_prefix"].encode(), add_bos=False, special=False)
+            both = self.llm.tokenize(f"{f['answer_prefix']} {f['answer']}".encode(), add_bos=False, special=False)
+            if both[:len(pre)] != pre or len(both) == len(pre):
+                raise EvalError(f"cannot split the forced reply {f['answer_prefix']!r} + {f['answer']!r} into tokens")
+            tail += pre
+            recall.append({"kind": f["kind"], "answer": f["answer"], "start": len(tail), "tokens": both[len(pre):]})
+            tail += both[len(pre):]
+        return Sequence(prompt_toks, list(answer), tail, recall)
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp sessions through the low-level API (logits of every piece, no [n_tokens, n_vocab] scores)
+
+class Session:
+    def __init__(self, model_path: Path, *, n_ctx: int, n_ubatch: int, threads: int | None, seed: int,
+                 policy: Policy, budget: int | None, window: int, interval: int):
+        from llama_cpp import Llama
+        import llama_cpp
+
+        self._lc = llama_cpp
+        kw: dict = {"flash_attn": True}
+        if policy.budgeted:
+            kw.update(policy.kv, kv_budget=budget, kv_window=window, kv_evict_interval=interval)
+            if native_has_policy_keyword():
+                kw["kv_policy"] = policy.native
+            elif policy.native != "morphkv":
+                raise EvalError(f"policy {policy.name} needs the kv_policy keyword, which the installed "
+                                f"llama-cpp-python lacks (rebuild the patched wheel)")
+        self.policy = policy
+        self.budget = budget if policy.budgeted else None
+        self.interval = interval
+        self.n_ubatch = n_ubatch
+        self.llm = Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch,
+                         n_threads=threads, n_threads_batch=threads, seed=seed, verbose=False, **kw)
+        self.n_vocab = self.llm.n_vocab()
+        self.batch = llama_cpp.llama_batch_init(n_ubatch, 0, 1)
+        self.n_past = 0
+
+    def info(self) -> dict:
+        return self.llm.kv_budget_info()
+
+    def memory_bytes(self, info: dict | None = None) -> int:
+        """KV bytes held: the whole (constant) buffer of a budgeted cache; the cells in use of a cache
+        that grows (full, snapkv)."""
+        info = info or self.info()
+        if self.policy.grows:
+            return int(round(info["n_used"] * info["kv_bytes"] / info["n_cells"]))
+        return int(info["kv_bytes"])
+
+    def decode(self, tokens: list[int], want: list[bool]) -> np.ndarray:
+        """Decode one batch (<= n_ubatch tokens); returns the logits of the tokens marked in ``want``
+        ([n_wanted, n_vocab] float32, a copy)."""
+        n = len(tokens)
+        assert 0 < n <= self.n_ubatch and len(want) == n
+        b = self.batch
+        b.n_tokens = n
+        for i, t in enumerate(tokens):
+            b.token[i] = t
+            b.pos[i] = self.n_past + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = bool(want[i])
+        rc = self._lc.llama_decode(self.llm.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc}) at position {self.n_past}")
+        self.n_past += n
+        n_out = sum(bool(w) for w in want)
+        if n_out == 0:
+            return np.zeros((0, self.n_vocab), dtype=np.float32)
+        ptr = self._lc.llama_get_logits(self.llm.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_out * self.n_vocab,)).reshape(n_out, self.n_vocab).copy()
+
+    def feed_prompt(self, prompt: list[int]) -> np.ndarray:
+        """The prompt as a generation feeds it (n_ubatch pieces); logits of its last token [n_vocab]."""
+        last = None
+        for i in range(0, len(prompt), self.n_ubatch):
+            piece = prompt[i:i + self.n_ubatch]
+            is_last = i + self.n_ubatch >= len(prompt)
+            out = self.decode(piece, [False] * (len(piece) - 1) + [is_last])
+            if is_last:
+                last = out[0]
+        return last
+
+    def close(self) -> None:
+        if self.batch is not None:
+            self._lc.llama_batch_free(self.batch)
+            self.batch = None
+        self.llm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        gc.collect()
+
+
+# ---------------------------------------------------------------------------------------------
+# reference answers (full cache, sampled, cached on disk)
+
+def vocab_llama(model_path: Path):
+    """A tokenizer-only Llama (llama.cpp's context-size warning for vocab-only models silenced)."""
+    from llama_cpp import Llama
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with suppress_stdout_stderr(disable=False):
+        return Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+
+
+def _eog_tokens(llm) -> list[int]:
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    return [t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+
+
+def dry_penalties(answer: list[int], multiplier: float, base: float, allowed_length: int,
+                  max_length: int = 64) -> dict[int, float]:
+    """DRY: a token that would extend a repeat of the answer's last L tokens (L >= allowed_length)
+    loses multiplier * base ** (L - allowed_length) from its logit."""
+    n = len(answer)
+    if multiplier <= 0 or n < 2:
+        return {}
+    h = np.asarray(answer, dtype=np.int64)
+    j = np.flatnonzero(h[:-1] == h[-1]) + 1          # h[j] followed an earlier copy of the last token
+    if not j.size:
+        return {}
+    length = np.ones(j.size, dtype=np.int64)
+    alive = np.ones(j.size, dtype=bool)
+    for k in range(1, min(max_length, n - 1)):
+        a = j - 1 - k
+        ok = alive & (a >= 0)
+        ok[ok] = h[a[ok]] == h[n - 1 - k]
+        length += ok
+        alive = ok
+        if not alive.any():
+            break
+    out: dict[int, float] = {}
+    for tok, L in zip(h[j].tolist(), length.tolist()):
+        if L >= allowed_length:
+            out[tok] = max(out.get(tok, 0.0), multiplier * base ** (L - allowed_length))
+    return out
+
+
+def sample_token(logits: np.ndarray, history: list[int], rng: np.random.Generator, banned: list[int],
+                 sampling: dict = SAMPLING, answer: list[int] | None = None) -> int:
+    x = np.array(logits, dtype=np.float64)
+    x[banned] = -np.inf
+    for tok, pen in dry_penalties(answer or [], sampling["dry_multiplier"], sampling["dry_base"],
+                                  sampling["dry_allowed_length"]).items():
+        x[tok] -= pen
+    last = set(history[-sampling["repeat_last_n"]:])
+    if last and sampling["repeat_penalty"] != 1.0:
+        idx = np.fromiter(last, dtype=np.int64)
+        v = x[idx]
+        x[idx] = np.where(v > 0, v / sampling["repeat_penalty"], v * sampling["repeat_penalty"])
+    k = min(sampling["top_k"], len(x))
+    top = np.argpartition(-x, k - 1)[:k]
+    top = top[np.argsort(-x[top], kind="stable")]
+    z = x[top] / sampling["temperature"]
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    keep = int(np.searchsorted(np.cumsum(p), sampling["top_p"]) + 1)
+    p = p[:keep] / p[:keep].sum()
+    return int(top[rng.choice(keep, p=p)])
+
+
+def model_key(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return f"{path.stem}-{path.stat().st_size}-{h.hexdigest()[:16]}"
+
+
+def _reference_stem(prompt: dict, prompt_tokens: list[int], seed: int) -> str:
+    h = hashlib.sha256(json.dumps({"tokens": prompt_tokens, "sampling": SAMPLING}).encode()).hexdigest()[:12]
+    return f"{prompt['id']}-{h}-seed{seed}"
+
+
+def reference_answer(model_path: Path, key: str, prompt: dict, n_tokens: int, *, seed: int, threads: int | None,
+                     n_ubatch: int, cache_dir: Path, log: Callable[[str], None] = lambda s: None) -> dict:
+    """The full cache's sampled answer to ``prompt`` (n_tokens tokens, EOS masked), from the cache
+    directory when a run with the same model, prompt tokens, sampler and seed stored at least as many
+    tokens (sampling is sequential, so a shorter answer is a prefix of a longer one)."""
+    tok_llm = vocab_llama(model_path)
+    chat = ChatFormat(tok_llm)
+    prompt_tokens = chat.prompt_tokens(user_message(prompt))
+    stem = _reference_stem(prompt, prompt_tokens, seed)
+    d = Path(cache_dir) / key
+    best = None
+    if d.is_dir():
+        for f in d.glob(f"{stem}-n*.json"):
+            try:
+                n = int(f.stem.rsplit("-n", 1)[1])
+            except ValueError:
+                continue
+            if n >= n_tokens and (best is None or n < best[0]):
+                best = (n, f)
+    if best is not None:
+        doc = json.loads(best[1].read_text())
+        doc["tokens"] = doc["tokens"][:n_tokens]
+        doc["cached"] = str(best[1])
+        tok_llm.close()
+        return doc
+
+    t0 = time.perf_counter()
+    policy = POLICIES["full"]
+    with Session(model_path, n_ctx=_round_ctx(len(prompt_tokens) + n_tokens + 8), n_ubatch=n_ubatch, threads=threads,
+                 seed=seed, policy=policy, budget=None, window=32, interval=64) as s:
+        banned = _eog_tokens(s.llm)
+        rng = np.random.default_rng(seed)
+        logits = s.feed_prompt(prompt_tokens)
+        out: list[int] = []
+        history = list(prompt_tokens)
+        for i in range(n_tokens):
+            tok = sample_token(logits, history, rng, banned, answer=out)
+            out.append(tok)
+            history.append(tok)
+            if i + 1 < n_tokens:
+                logits = s.decode([tok], [True])[0]
+            if (i + 1) % 256 == 0:
+                log(f"    reference {i + 1}/{n_tokens} tokens ({time.perf_counter() - t0:.0f} s)")
+        text = s.llm.detokenize(out).decode("utf-8", errors="replace")
+    tok_llm.close()
+    doc = {"model": model_path.name, "model_key": key, "prompt_id": prompt["id"], "seed": seed, "sampling": SAMPLING,
+           "n_prompt_tokens": len(prompt_tokens), "n_tokens": n_tokens, "tokens": out, "text": text,
+           "seconds": round(time.perf_counter() - t0, 2)}
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{stem}-n{n_tokens}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc))
+    tmp.replace(path)
+    doc["cached"] = None
+    return doc
+
+
+def _round_ctx(n: int) -> int:
+    return int(math.ceil(n / 256) * 256)
+
+
+# ---------------------------------------------------------------------------------------------
+# one policy run: teacher forcing, metrics against the full cache
+
+@dataclass
+class RunResult:
+    policy: str
+    budget: int | None
+    kl: np.ndarray                       # [T]
+    top1: np.ndarray                     # [T]
+    nll: np.ndarray                      # [T]
+    recall: list[dict]
+    trace: list[tuple[int, int, int]]    # (answer tokens read, n_used, memory bytes)
+    info: dict
+    seconds: float
+    pieces: int
+    lp: np.ndarray | None = None         # [T, n_vocab] float32 log-probs (kept for the full cache only)
+
+
+def teacher_force(model_path: Path, seq: Sequence, policy: Policy, budget: int | None, *, window: int,
+                  interval: int, n_ubatch: int, threads: int | None, seed: int,
+                  lp_full: np.ndarray | None = None, keep_lp: bool = False) -> RunResult:
+    """Read ``seq`` with ``policy`` at ``budget``; compare each answer position with ``lp_full``
+    (the full cache's log-probs; None: compare with itself, i.e. KL 0)."""
+    t0 = time.perf_counter()
+    T = len(seq.answer)
+    stream = seq.stream
+    n_stream = len(stream)
+    targets_tail = {}
+    for j, r in enumerate(seq.recall):
+        for i, tok in enumerate(r["tokens"]):
+            targets_tail[T + r["start"] + i] = (j, i, tok)     # stream index predicted -> target
+    # token stream[i] is fed with logits iff stream[i + 1] is a target (answer token or recall token)
+    need = [(i + 1 < T) or ((i + 1) in targets_tail) for i in range(n_stream - 1)]
+
+    kl = np.zeros(T)
+    top1 = np.zeros(T, dtype=bool)
+    nll = np.zeros(T)
+    lp_keep = np.zeros((T, 0), dtype=np.float32)
+    recall = [{"kind": r["kind"], "answer": r["answer"], "logprob": 0.0, "argmax": [], "tokens": r["tokens"]}
+              for r in seq.recall]
+    trace: list[tuple[int, int, int]] = []
+    n_ctx = _round_ctx(len(seq) + 8)
+
+    with Session(model_path, n_ctx=n_ctx, n_ubatch=n_ubatch, threads=threads, seed=seed, policy=policy,
+                 budget=budget, window=window, interval=interval) as s:
+        if keep_lp:
+            lp_keep = np.zeros((T, s.n_vocab), dtype=np.float32)
+
+        def score(rows: np.ndarray, positions: list[int]) -> None:
+            """rows: logits predicting stream[positions]."""
+            if not len(positions):
+                return
+            lp = log_softmax(rows)
+            ans = [k for k, p in enumerate(positions) if p < T]
+            if ans:
+                idx = np.array([positions[k] for k in ans])
+                lpa = lp[ans]
+                ref = lp_full[idx] if lp_full is not None else lpa
+                kl[idx] = kl_divergence(ref, lpa)
+                top1[idx] = top1_agreement(ref, lpa)
+                nll[idx] = token_nll(lpa, [stream[p] for p in idx])
+                if keep_lp:
+                    lp_keep[idx] = lpa
+            for k, p in enumerate(positions):
+                if p in targets_tail:
+                    j, i, tok = targets_tail[p]
+                    recall[j]["logprob"] += float(lp[k, tok])
+                    recall[j]["argmax"].append(int(np.argmax(lp[k])))
+
+        last = s.feed_prompt(seq.prompt)
+        score(last[None, :], [0])
+        info = s.info()
+        trace.append((0, info["n_used"], s.memory_bytes(info)))
+        done = 0
+        pieces = 0
+        n_feed = n_stream - 1
+        while done < n_feed:
+            if policy.first_single:
+                k = 1 if done == 0 else min(n_ubatch, n_feed - done)
+            else:
+                k = max_piece(info["n_used"], s.budget, interval, n_ubatch, n_feed - done)
+            if done < T:
+                k = min(k, T - done)  # a piece ends at the answer's end: the memory trace gets that point
+            want = need[done:done + k]
+            rows = s.decode(stream[done:done + k], want)
+            score(rows, [done + i + 1 for i in range(k) if want[i]])
+            done += k
+            pieces += 1
+            info = s.info()
+            if done <= T:
+                trace.append((done, info["n_used"], s.memory_bytes(info)))
+        final = s.info()
+
+    for r in recall:
+        r["prob"] = math.exp(r["logprob"])
+        r["exact"] = r["argmax"] == r["tokens"]
+    return RunResult(policy.name, budget if policy.budgeted else None, kl, top1, nll, recall, trace, final,
+                     time.perf_counter() - t0, pieces, lp_keep if keep_lp else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole evaluation
+
+@dataclass
+class EvalConfig:
+    model: Path | None = None
+    policies: list[str] = field(default_factory=lambda: list(ALL_POLICIES))
+    budgets: list[int] = field(default_factory=lambda: list(DEFAULT_BUDGETS))
+    answer_tokens: int = DEFAULT_ANSWER_TOKENS
+    split: str = "test"
+    n_prompts: int | None = None
+    window: int = 32
+    interval: int = 64
+    n_ubatch: int = 128
+    threads: int | None = None
+    seed: int = 1234
+    out_dir: Path | None = None
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    quick: bool = False
+    prompts_file: Path = DATA_FILE
+
+    def validate(self) -> None:
+        parse_policies(self.policies)
+        parse_budgets(self.budgets)
+        if self.answer_tokens < 2:
+            raise EvalError(f"--answer-tokens must be >= 2, got {self.answer_tokens}")
+        if self.window < 1 or self.interval < 1 or self.n_ubatch < 1:
+            raise EvalError("window, interval and n_ubatch must be >= 1")
+
+
+def _fmt_s(s: float) -> str:
+    return f"{int(s // 60)}m{s % 60:04.1f}s" if s >= 60 else f"{s:.1f}s"
+
+
+def run_eval(cfg: EvalConfig, log: Callable[[str], None] | None = None) -> dict:
+    """Run the evaluation; returns the results document (see ``write_outputs``)."""
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    cfg.validate()
+    model_path = resolve_model(cfg.model)
+    policies = [POLICIES[p] for p in parse_policies(cfg.policies)]
+    budgets = parse_budgets(cfg.budgets)
+    if any(p.native not in (None, "morphkv") for p in policies) and not native_has_policy_keyword():
+        names = ", ".join(p.name for p in policies if p.native not in (None, "morphkv"))
+        raise EvalError(f"policies {names} need the kv_policy keyword, which the installed llama-cpp-python lacks "
+                        f"(rebuild the patched wheel, or use --policies full,morphkv)")
+    prompts = load_prompts(cfg.split, cfg.n_prompts, cfg.prompts_file)
+    threads = cfg.threads or os.cpu_count() or 1
+    t_start = time.perf_counter()
+    key = model_key(model_path)
+
+    tok_llm = vocab_llama(model_path)
+    chat = ChatFormat(tok_llm)
+
+    runs_plan = []
+    skipped = []
+    for p in policies:
+        if not p.budgeted:
+            runs_plan.append((p, None))
+            continue
+        for b in budgets:
+            why = budget_problem(p, b, cfg.window)
+            if why:
+                skipped.append({"policy": p.name, "budget": b, "reason": why})
+            else:
+                runs_plan.append((p, b))
+    for sk in skipped:
+        log(f"skipping {sk['policy']} at budget {sk['budget']}: {sk['reason']}")
+
+    doc_prompts = []
+    for pi, prompt in enumerate(prompts):
+        head = f"[prompt {pi + 1}/{len(prompts)} {prompt['id']}]"
+        log(f"{head} reference answer ({cfg.answer_tokens} tokens, full cache) ... "
+            f"elapsed {_fmt_s(time.perf_counter() - t_start)}")
+        ref = reference_answer(model_path, key, prompt, cfg.answer_tokens, seed=cfg.seed, threads=threads,
+                               n_ubatch=cfg.n_ubatch, cache_dir=cfg.cache_dir, log=log)
+        how = f"from cache {ref['cached']}" if ref.get("cached") else f"generated in {ref['seconds']} s"
+        log(f"{head}   reference {how}")
+        seq = chat.build(prompt, ref["tokens"])
+        common = dict(window=cfg.window, interval=cfg.interval, n_ubatch=cfg.n_ubatch, threads=threads, seed=cfg.seed)
+
+        full = teacher_force(model_path, seq, POLICIES["full"], None, keep_lp=True, **common)
+        lp_full = full.lp
+        full.lp = None
+        nll_full = full.nll
+        runs = []
+        for policy, budget in runs_plan:
+            if policy.name == "full":
+                res = full
+            else:
+                try:
+                    res = teacher_force(model_path, seq, policy, budget, lp_full=lp_full, **common)
+                except (ValueError, RuntimeError) as e:  # a refusal of the native code: report, go on
+                    skipped.append({"policy": policy.name, "budget": budget, "prompt": prompt["id"], "reason": str(e)})
+                    log(f"{head} {policy.name} C={budget}: FAILED: {e}")
+                    continue
+            summary = summarize_tokens(res.kl, res.top1, res.nll, nll_full)
+            run = {
+                "policy": policy.name, "budget": res.budget,
+                **{k: summary[k] for k in ("kl", "top1", "nll", "nll_full", "nll_ratio")},
+                "bins": summary["bins"],
+                "recall": [{k: r[k] for k in ("kind", "answer", "prob", "logprob", "exact")}
+                           | {"argmax_text": tok_llm.detokenize(r["argmax"]).decode("utf-8", errors="replace")}
+                           for r in res.recall],
+                "recall_exact": float(np.mean([r["exact"] for r in res.recall])) if res.recall else None,
+                "recall_prob": float(np.mean([r["prob"] for r in res.recall])) if res.recall else None,
+                "memory_end_bytes": _memory_at(res.trace, len(seq.answer)),
+                "memory_max_bytes": max(m for _, _, m in res.trace),
+                "kv_bytes_allocated": int(res.info["kv_bytes"]), "n_cells": int(res.info["n_cells"]),
+                "n_used_end": int(res.info["n_used"]), "n_evictions": int(res.info["n_evictions"]),
+                "evict_ms": round(float(res.info["t_evict_ms"]), 2),
+                "seconds": round(res.seconds, 2), "pieces": res.pieces,
+                "memory_trace": _thin(res.trace, 64),
+            }
+            runs.append(run)
+            log(f"{head} {policy.name:<13} C={str(res.budget or '-'):>4}: KL {run['kl']:.4f}  top-1 {run['top1']:.3f}  "
+                f"NLL x{run['nll_ratio']:.3f}  recall {run['recall_exact']:.2f}  "
+                f"KV {run['memory_end_bytes'] / 2**20:.2f} MiB  ({res.seconds:.1f} s, "
+                f"elapsed {_fmt_s(time.perf_counter() - t_start)})")
+        del lp_full
+        gc.collect()
+        doc_prompts.append({"id": prompt["id"], "split": prompt["split"], "type": prompt["type"],
+                            "n_prompt_tokens": len(seq.prompt), "n_answer_tokens": len(seq.answer),
+                            "n_tail_tokens": len(seq.tail), "reference_cached": bool(ref.get("cached")),
+                            "reference_text_start": ref["text"][:300], "runs": runs})
+    tok_llm.close()
+
+    doc = {
+        "model": str(model_path), "model_key": key,
+        "config": {"policies": [p.name for p in policies], "budgets": budgets, "answer_tokens": cfg.answer_tokens,
+                   "split": cfg.split, "n_prompts": len(prompts), "window": cfg.window, "interval": cfg.interval,
+                   "n_ubatch": cfg.n_ubatch, "threads": threads, "seed": cfg.seed, "quick": cfg.quick,
+                   "sampling": SAMPLING, "n_bins": N_BINS,
+                   "policy_settings": {p.name: {"kv": p.kv, "native": p.native, "description": p.description}
+                                       for p in policies},
+                   "native_kv_policy_keyword": native_has_policy_keyword()},
+        "prompts": doc_prompts,
+        "skipped": skipped,
+        "summary": aggregate(doc_prompts),
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    return doc
+
+
+def _memory_at(trace: list[tuple[int, int, int]], n: int) -> int:
+    best = trace[0][2]
+    for t, _, m in trace:
+        if t <= n:
+            best = m
+    return best
+
+
+def _thin(trace: list[tuple[int, int, int]], n: int) -> list[list[int]]:
+    if len(trace) <= n:
+        return [list(t) for t in trace]
+    idx = np.unique(np.linspace(0, len(trace) - 1, n).round().astype(int))
+    return [list(trace[i]) for i in idx]
+
+
+def aggregate(prompts: list[dict]) -> list[dict]:
+    """Per (policy, budget): pooled means over the prompts (every prompt has the same answer length)."""
+    groups: dict[tuple, list[dict]] = {}
+    for p in prompts:
+        for r in p["runs"]:
+            groups.setdefault((r["policy"], r["budget"]), []).append(r)
+    out = []
+    for (policy, budget), runs in groups.items():
+        n_bins = len(runs[0]["bins"])
+        row = {
+            "policy": policy, "budget": budget, "n_prompts": len(runs),
+            "kl": float(np.mean([r["kl"] for r in runs])),
+            "top1": float(np.mean([r["top1"] for r in runs])),
+            "nll_ratio": float(np.mean([r["nll"] for r in runs]) / np.mean([r["nll_full"] for r in runs])),
+            "recall_exact": float(np.mean([x["exact"] for r in runs for x in r["recall"]])) if runs[0]["recall"] else None,
+            "recall_prob": float(np.mean([x["prob"] for r in runs for x in r["recall"]])) if runs[0]["recall"] else None,
+            "memory_end_bytes": float(np.mean([r["memory_end_bytes"] for r in runs])),
+            "memory_max_bytes": float(np.max([r["memory_max_bytes"] for r in runs])),
+            "n_evictions": float(np.mean([r["n_evictions"] for r in runs])),
+            "seconds": float(np.sum([r["seconds"] for r in runs])),
+            "bins": [{"start": runs[0]["bins"][i]["start"], "end": runs[0]["bins"][i]["end"],
+                      "kl": float(np.mean([r["bins"][i]["kl"] for r in runs])),
+                      "top1": float(np.mean([r["bins"][i]["top1"] for r in runs])),
+                      "nll_ratio": float(np.mean([r["bins"][i]["nll"] for r in runs])
+                                         / np.mean([r["bins"][i]["nll_full"] for r in runs]))}
+                     for i in range(n_bins)],
+        }
+        out.append(row)
+    order = {name: i for i, name in enumerate(ALL_POLICIES)}
+    out.sort(key=lambda r: (r["budget"] is not None, r["budget"] or 0, order.get(r["policy"], 99)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs: JSON, Markdown, plots
+
+def default_out_dir(model: Path | None) -> Path:
+    return Path("results") / f"eval-{resolve_model(model).stem}"
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:.2f}"
+
+
+def markdown_report(doc: dict) -> str:
+    c = doc["config"]
+    lines = [
+        f"# KV policy evaluation: {Path(doc['model']).name}",
+        "",
+        f"{c['n_prompts']} prompts ({c['split']} split), reference answers of {c['answer_tokens']} tokens sampled by the "
+        f"full cache (T={c['sampling']['temperature']}, top-p {c['sampling']['top_p']}, top-k {c['sampling']['top_k']}, "
+        f"repeat penalty {c['sampling']['repeat_penalty']}, DRY {c['sampling']['dry_multiplier']}/{c['sampling']['dry_base']}/"
+        f"{c['sampling']['dry_allowed_length']}, EOS masked, seed {c['seed']}); every policy reads them with "
+        f"teacher forcing in the eviction schedule of token-by-token generation. Window W={c['window']}, eviction "
+        f"interval S={c['interval']}, n_ubatch={c['n_ubatch']}, {c['threads']} threads. Wall time "
+        f"{_fmt_s(doc['wall_seconds'])}.",
+        "",
+        "KL = mean KL(full || policy) per answer token (nats); top-1 = agreement of the argmax with the full "
+        "cache; NLL ratio = mean NLL of the reference tokens under the policy / under the full cache; recall EM = "
+        "share of facts (pass key, name, number) whose answer tokens are all the argmax after the question (= greedy "
+        "decoding reproduces them), P = mean probability of the answer tokens; KV MiB = KV cache bytes held at the "
+        "end of the answer, from kv_budget_info() (budgeted caches: the whole constant buffer; full and SnapKV: the "
+        "cells in use).",
+        "",
+        "| policy | budget | KL | top-1 | NLL ratio | recall EM | recall P | KV MiB | evictions |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in doc["summary"]:
+        em = "-" if r["recall_exact"] is None else f"{r['recall_exact']:.2f}"
+        pr = "-" if r["recall_prob"] is None else f"{r['recall_prob']:.3f}"
+        lines.append(f"| {r['policy']} | {r['budget'] or '-'} | {r['kl']:.4f} | {r['top1']:.3f} | "
+                     f"{r['nll_ratio']:.3f} | {em} | {pr} | {_mib(r['memory_end_bytes'])} | {r['n_evictions']:.0f} |")
+    if doc["summary"]:
+        bins = doc["summary"][0]["bins"]
+        lines += ["", "KL per position bin of the answer (tokens):", "",
+                  "| policy | budget | " + " | ".join(f"{b['start']}-{b['end']}" for b in bins) + " |",
+                  "|---|---:|" + "---:|" * len(bins)]
+        for r in doc["summary"]:
+            lines.append(f"| {r['policy']} | {r['budget'] or '-'} | "
+                         + " | ".join(f"{b['kl']:.4f}" for b in r["bins"]) + " |")
+    if doc["skipped"]:
+        lines += ["", "Skipped:", ""]
+        for s in doc["skipped"]:
+            where = f" ({s['prompt']})" if "prompt" in s else ""
+            lines.append(f"* {s['policy']} at budget {s['budget']}{where}: {s['reason']}")
+    lines += ["", "Policies:", ""]
+    for name, ps in c["policy_settings"].items():
+        lines.append(f"* {name}: {ps['description']} {ps['kv'] or ''}".rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(doc: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    paths = []
+    summary = doc["summary"]
+    budgeted = [r for r in summary if r["budget"] is not None]
+    names = [n for n in ALL_POLICIES if any(r["policy"] == n for r in budgeted)]
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for n in names:
+        rows = sorted((r for r in budgeted if r["policy"] == n), key=lambda r: r["budget"])
+        ax.plot([r["budget"] for r in rows], [r["kl"] for r in rows], marker="o", label=n)
+    floor = [r for r in summary if r["policy"] == "full-shift"]
+    if floor:
+        ax.axhline(floor[0]["kl"], color="grey", linestyle="--", label="full-shift (batching noise)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("KV budget C (cells)")
+    ax.set_ylabel("mean KL(full || policy) per token")
+    ax.set_title("Fidelity vs budget")
+    ax.grid(alpha=0.3)
+    if names or floor:
+        ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "kl_vs_budget.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    plot_budget = _plot_budget(doc)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for n in names:
+        rows = [r for r in budgeted if r["policy"] == n and r["budget"] == plot_budget]
+        if rows:
+            bins = rows[0]["bins"]
+            ax.plot([(b["start"] + b["end"]) / 2 for b in bins], [b["kl"] for b in bins], marker="o", label=n)
+    ax.set_xlabel("answer position (bin centre, tokens)")
+    ax.set_ylabel("mean KL(full || policy)")
+    ax.set_title(f"Fidelity along the answer, C={plot_budget}")
+    ax.grid(alpha=0.3)
+    if names:
+        ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "kl_by_position.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    styles = ["-", "--", ":", "-."]
+    if doc["prompts"]:
+        shown = 0
+        for r in doc["prompts"][0]["runs"]:
+            if r["budget"] not in (None, plot_budget) or r["policy"] == "full-shift":
+                continue
+            tr = np.array(r["memory_trace"])
+            # constant caches of one budget overlap: line styles keep them apart
+            ax.plot(tr[:, 0], tr[:, 2] / 2**20, label=r["policy"], linestyle=styles[shown % len(styles)],
+                    linewidth=2.0 if shown % len(styles) == 0 else 1.6)
+            shown += 1
+    ax.set_xlabel("answer tokens read")
+    ax.set_ylabel("KV cache MiB (kv_budget_info)")
+    ax.set_title(f"KV memory as the answer grows (C={plot_budget}, prompt 1)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "memory_vs_length.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def _plot_budget(doc: dict) -> int | None:
+    budgets = sorted({r["budget"] for r in doc["summary"] if r["budget"] is not None})
+    if not budgets:
+        return None
+    return 128 if 128 in budgets else budgets[0]
+
+
+def write_outputs(doc: dict, out_dir: Path, plots: bool = True) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "eval.json", "markdown": out_dir / "eval.md"}
+    paths["json"].write_text(json.dumps(doc, indent=1))
+    paths["markdown"].write_text(markdown_report(doc))
+    if plots:
+        for p in plot_results(doc, out_dir):
+            paths[p.stem] = p
+    return paths
