@@ -1,0 +1,25 @@
+"""The fused scoring op of patch 0011 (GGML_OP_KV_SCORES): its CPU implementation against the composed
+ggml graph it replaces, through llama.cpp's own check (tests/test-kv-scores.cpp, built with the tools)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from morphkv_gguf.build import tool_path
+
+
+def test_fused_scores_equal_the_composed_graph_on_cpu():
+    exe = tool_path("test-kv-scores", "patched")
+    if not exe.exists():
+        msg = f"{exe} not built (scripts/setup.sh --tools)"
+        if os.environ.get("MORPHKV_REQUIRE_TOOLS") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    last = run.stdout.strip().splitlines()[-1]
+    n_ok, n_all = map(int, last.split()[0].split("/"))
+    assert n_ok == n_all >= 90, last
