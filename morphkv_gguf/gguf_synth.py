@@ -55,6 +55,8 @@ SHAPES: dict[str, SynthShape] = {
     "llama-3.2-1b": SynthShape(n_layer=16, n_embd=2048, n_head=32, n_head_kv=8, n_ff=8192, n_vocab=128256,
                                n_ctx=131072, rope_freq_base=500000.0, tied_embeddings=True),
     "tiny": SynthShape(n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_vocab=512, n_ctx=4096),
+    # multi-head attention (one KV head per query head), for tests of the budget without GQA
+    "tiny-mha": SynthShape(n_layer=2, n_embd=256, n_head=4, n_head_kv=4, n_ff=512, n_vocab=512, n_ctx=4096),
 }
 
 
