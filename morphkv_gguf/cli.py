@@ -134,17 +134,20 @@ def _memory_line(mem: dict) -> str:
 @click.option("--chat/--raw", default=True, show_default=True,
               help="apply the model's chat template (chat) or continue the prompt as text (raw)")
 @click.option("--ignore-eos", is_flag=True, help="never stop at end-of-sequence: generate exactly -n tokens")
+@click.option("--repeat-penalty", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
+              help="penalty for repeating recent tokens (1 = off)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object: text, usage, timings, memory")
 @kv_budget_options
 @_fail_on(ValueError, OSError, RuntimeError)
 def generate(prompt: str, model: Path | None, max_tokens: int, n_ctx: int | None, temperature: float,
-             seed: int, threads: int | None, chat: bool, ignore_eos: bool, as_json: bool, kv: dict) -> None:
+             seed: int, threads: int | None, chat: bool, ignore_eos: bool, repeat_penalty: float, as_json: bool,
+             kv: dict) -> None:
     """Generate one answer to PROMPT and report its speed and KV memory."""
     from .generation import generate_text
 
     result = generate_text(prompt, model=model, max_tokens=max_tokens, n_ctx=n_ctx,
                            temperature=temperature, seed=seed, n_threads=threads, chat=chat,
-                           ignore_eos=ignore_eos, kv=kv,
+                           ignore_eos=ignore_eos, repeat_penalty=repeat_penalty, kv=kv,
                            on_text=None if as_json else (lambda s: click.echo(s, nl=False)))
     if as_json:
         click.echo(json.dumps(result, indent=2))

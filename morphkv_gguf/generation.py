@@ -65,13 +65,14 @@ def eos_mask(llm):
 
 
 def stream_chat(llm, messages: list[dict], *, max_tokens: int, temperature: float, seed: int,
-                ignore_eos: bool = False, on_text: Callable[[str], None] | None = None) -> tuple[str, str | None, int]:
+                ignore_eos: bool = False, repeat_penalty: float = 1.0,
+                on_text: Callable[[str], None] | None = None) -> tuple[str, str | None, int]:
     """Stream one chat answer: (text, finish_reason, chunks)."""
     pieces: list[str] = []
     finish_reason = None
     n_chunks = 0
     stream = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature,
-                                        seed=seed, stream=True,
+                                        seed=seed, stream=True, repeat_penalty=repeat_penalty,
                                         logits_processor=eos_mask(llm) if ignore_eos else None)
     for chunk in stream:
         choice = chunk["choices"][0]
@@ -88,7 +89,7 @@ def stream_chat(llm, messages: list[dict], *, max_tokens: int, temperature: floa
 def generate_text(prompt: str, *, model: str | os.PathLike | None = None, max_tokens: int = 128,
                   n_ctx: int | None = None, temperature: float = 0.0, seed: int = 1234,
                   n_threads: int | None = None, chat: bool = True, ignore_eos: bool = False,
-                  kv: dict | None = None, on_text: Callable[[str], None] | None = None) -> dict:
+                  repeat_penalty: float = 1.0, kv: dict | None = None, on_text: Callable[[str], None] | None = None) -> dict:
     """Generate one answer (streamed to ``on_text``) and return an OpenAI-style summary dict.
 
     ``kv``: the ``Llama`` kv_* keyword arguments (``kv_budget`` None or absent = the full cache).
@@ -113,11 +114,11 @@ def generate_text(prompt: str, *, model: str | os.PathLike | None = None, max_to
     if chat:
         text, finish_reason, n_chunks = stream_chat(
             llm, [{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=temperature,
-            seed=seed, ignore_eos=ignore_eos, on_text=on_piece)
+            seed=seed, ignore_eos=ignore_eos, repeat_penalty=repeat_penalty, on_text=on_piece)
         pieces.append(text)
     else:
         for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature,
-                                           seed=seed, stream=True,
+                                           seed=seed, stream=True, repeat_penalty=repeat_penalty,
                                            logits_processor=eos_mask(llm) if ignore_eos else None):
             choice = chunk["choices"][0]
             text = choice["text"]

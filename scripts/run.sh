@@ -7,6 +7,6 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/scripts/setup.sh"
 if [ $# -eq 0 ]; then
     set -- "Write a long story about a lighthouse keeper who records every passing ship in a ledger." \
-        -n 1536 --kv-budget 128 --temperature 0.7 --ignore-eos
+        -n 1536 --kv-budget 128 --temperature 0.7 --repeat-penalty 1.1 --ignore-eos
 fi
 exec "${MORPHKV_VENV:-$root/.venv}/bin/morphkv" generate "$@"
