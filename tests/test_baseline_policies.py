@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from morphkv_gguf import policies
+from test_policies import _loop_scores
 
 
 def _dot(a, b):
@@ -170,21 +171,9 @@ def test_snapkv_scores_match_the_definition(fusion, group_reduce):
     classes = policies.classify_cells(pos, window=3, sinks=1)
     got = policies.snapkv_scores(q, k, classes.evictable, fusion, group_reduce)
     ev = classes.evictable
-    group = n_head // n_head_kv
+    loop = _loop_scores(q, k, ev, fusion, group_reduce)  # MorphKV's element-wise definition
     for hk in range(n_head_kv):
-        per_q = []
-        for j in range(group):
-            h = hk * group + j
-            rows = []
-            for r in range(n_w):
-                logit = {c: _dot(q[r, h], k[c, hk]) / math.sqrt(d) for c in range(n_cells) if ev[c]}
-                m = max(logit.values())
-                z = sum(math.exp(v - m) for v in logit.values())
-                rows.append([math.exp(logit[c] - m) / z if ev[c] else 0.0 for c in range(n_cells)])
-            rows = np.array(rows)
-            per_q.append(rows.sum(0) if fusion == "sum" else rows.max(0))
-        per_q = np.array(per_q)
-        fused = per_q.sum(0) if group_reduce == "sum" else per_q.max(0)
+        fused = loop[hk]
         pooled = _loop_pool(fused.tolist(), 5)
         want = [pooled[c] if ev[c] else 0.0 for c in range(n_cells)]
         np.testing.assert_allclose(got[hk], want, rtol=1e-12, atol=1e-15)
