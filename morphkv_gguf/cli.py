@@ -479,15 +479,37 @@ def gguf_synth(shape: str, out: Path, dtype: str, seed: int, force: bool) -> Non
 @click.option("--interval", type=click.IntRange(min=1), default=64, show_default=True, help="kv_evict_interval S")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="where reference answers are kept [default: ~/.cache/morphkv-gguf/eval]")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="prompts evaluated at the same time, one process each (the threads are split between them)")
+@click.option("-ngl", "--gpu-layers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="layers offloaded to the GPU (a CUDA build of the wheel)")
+@click.option("--render", "render_json", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="write the Markdown table and plots of a saved eval.json (a run made elsewhere) into --out "
+                   "[default: the file's folder]; runs nothing")
 @_fail_on(ValueError, OSError, RuntimeError)
 def eval_cmd(model: Path | None, quick: bool, budgets: str | None, policies: str | None, answer_tokens: int | None,
              n_prompts: int | None, split: str, out_dir: Path | None, threads: int | None, seed: int, window: int,
-             interval: int, cache_dir: Path | None) -> None:
+             interval: int, cache_dir: Path | None, jobs: int, gpu_layers: int, render_json: Path | None) -> None:
     """Fidelity (KL, top-1, NLL vs the full cache), recall and KV memory of the policies on long answers."""
     from . import evaluation as ev
 
+    if render_json is not None:
+        import json
+
+        try:
+            doc = json.loads(render_json.read_text())
+        except json.JSONDecodeError as e:
+            raise click.ClickException(f"{render_json} is not an eval.json results file: {e}")
+        if not isinstance(doc, dict) or not {"config", "summary", "prompts"} <= doc.keys():
+            raise click.ClickException(f"{render_json} is not an eval.json results file (no config/summary/prompts)")
+        paths = ev.write_outputs(doc, out_dir or render_json.parent)
+        click.echo(paths["markdown"].read_text())
+        click.echo(f"[wrote {', '.join(str(p) for p in paths.values())}]", err=True)
+        return
+
     cfg = ev.EvalConfig(
         model=model, quick=quick, split=split, seed=seed, threads=threads, window=window, interval=interval,
+        jobs=jobs, gpu_layers=gpu_layers,
         budgets=ev.parse_budgets(budgets if budgets is not None else (ev.QUICK["budgets"] if quick else ev.DEFAULT_BUDGETS)),
         policies=ev.parse_policies(policies if policies is not None else (ev.QUICK["policies"] if quick else ev.ALL_POLICIES)),
         answer_tokens=answer_tokens or (ev.QUICK["answer_tokens"] if quick else ev.DEFAULT_ANSWER_TOKENS),

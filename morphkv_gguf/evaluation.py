@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import importlib
 import inspect
 import json
 import math
@@ -371,7 +372,7 @@ class ChatFormat:
 
 class Session:
     def __init__(self, model_path: Path, *, n_ctx: int, n_ubatch: int, threads: int | None, seed: int,
-                 policy: Policy, budget: int | None, window: int, interval: int):
+                 policy: Policy, budget: int | None, window: int, interval: int, gpu_layers: int = 0):
         from llama_cpp import Llama
         import llama_cpp
 
@@ -389,7 +390,8 @@ class Session:
         self.interval = interval
         self.n_ubatch = n_ubatch
         self.llm = Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch,
-                         n_threads=threads, n_threads_batch=threads, seed=seed, verbose=False, **kw)
+                         n_threads=threads, n_threads_batch=threads, seed=seed, n_gpu_layers=gpu_layers, verbose=False,
+                         **kw)
         self.n_vocab = self.llm.n_vocab()
         self.batch = llama_cpp.llama_batch_init(n_ubatch, 0, 1)
         self.n_past = 0
@@ -539,7 +541,8 @@ def _reference_stem(prompt: dict, prompt_tokens: list[int], seed: int) -> str:
 
 
 def reference_answer(model_path: Path, key: str, prompt: dict, n_tokens: int, *, seed: int, threads: int | None,
-                     n_ubatch: int, cache_dir: Path, log: Callable[[str], None] = lambda s: None) -> dict:
+                     n_ubatch: int, cache_dir: Path, log: Callable[[str], None] = lambda s: None,
+                     gpu_layers: int = 0) -> dict:
     """The full cache's sampled answer to ``prompt`` (n_tokens tokens, EOS masked), from the cache
     directory when a run with the same model, prompt tokens, sampler and seed stored at least as many
     tokens (sampling is sequential, so a shorter answer is a prefix of a longer one)."""
@@ -567,7 +570,7 @@ def reference_answer(model_path: Path, key: str, prompt: dict, n_tokens: int, *,
     t0 = time.perf_counter()
     policy = POLICIES["full"]
     with Session(model_path, n_ctx=_round_ctx(len(prompt_tokens) + n_tokens + 8), n_ubatch=n_ubatch, threads=threads,
-                 seed=seed, policy=policy, budget=None, window=32, interval=64) as s:
+                 seed=seed, policy=policy, budget=None, window=32, interval=64, gpu_layers=gpu_layers) as s:
         banned = _eog_tokens(s.llm)
         rng = np.random.default_rng(seed)
         logits = s.feed_prompt(prompt_tokens)
@@ -618,7 +621,7 @@ class RunResult:
 
 
 def teacher_force(model_path: Path, seq: Sequence, policy: Policy, budget: int | None, *, window: int,
-                  interval: int, n_ubatch: int, threads: int | None, seed: int,
+                  interval: int, n_ubatch: int, threads: int | None, seed: int, gpu_layers: int = 0,
                   lp_full: np.ndarray | None = None, keep_lp: bool = False) -> RunResult:
     """Read ``seq`` with ``policy`` at ``budget``; compare each answer position with ``lp_full``
     (the full cache's log-probs; None: compare with itself, i.e. KL 0)."""
@@ -643,7 +646,7 @@ def teacher_force(model_path: Path, seq: Sequence, policy: Policy, budget: int |
     n_ctx = _round_ctx(len(seq) + 8)
 
     with Session(model_path, n_ctx=n_ctx, n_ubatch=n_ubatch, threads=threads, seed=seed, policy=policy,
-                 budget=budget, window=window, interval=interval) as s:
+                 budget=budget, window=window, interval=interval, gpu_layers=gpu_layers) as s:
         if keep_lp:
             lp_keep = np.zeros((T, s.n_vocab), dtype=np.float32)
 
@@ -718,6 +721,8 @@ class EvalConfig:
     out_dir: Path | None = None
     cache_dir: Path = DEFAULT_CACHE_DIR
     quick: bool = False
+    gpu_layers: int = 0                  # layers offloaded to the GPU (a CUDA build; 0: CPU only)
+    jobs: int = 1                        # prompts evaluated at the same time, one process each
     prompts_file: Path = DATA_FILE
 
     def validate(self) -> None:
@@ -725,12 +730,95 @@ class EvalConfig:
         parse_budgets(self.budgets)
         if self.answer_tokens < 2:
             raise EvalError(f"--answer-tokens must be >= 2, got {self.answer_tokens}")
+        if self.jobs < 1:
+            raise EvalError(f"--jobs must be >= 1, got {self.jobs}")
         if self.window < 1 or self.interval < 1 or self.n_ubatch < 1:
             raise EvalError("window, interval and n_ubatch must be >= 1")
 
 
+def _backend_name(gpu_layers: int) -> str:
+    """Where the model ran: 'gpu' when layers were offloaded and the build can offload, else 'cpu'."""
+    import llama_cpp
+
+    if gpu_layers and llama_cpp.llama_supports_gpu_offload():
+        return "gpu"
+    return "cpu"
+
+
 def _fmt_s(s: float) -> str:
     return f"{int(s // 60)}m{s % 60:04.1f}s" if s >= 60 else f"{s:.1f}s"
+
+
+def _eval_prompt_worker(task: dict) -> tuple[dict, list[dict]]:
+    tok_llm = vocab_llama(task["model_path"])
+    try:
+        return _eval_prompt(chat=ChatFormat(tok_llm), tok_llm=tok_llm,
+                            log=lambda s: print(s, file=sys.stderr, flush=True), **task)
+    finally:
+        tok_llm.close()
+
+
+def _eval_prompt(*, model_path: Path, key: str, prompt: dict, head: str, runs_plan: list, cfg: EvalConfig,
+                 threads: int, t_start: float, chat: "ChatFormat", tok_llm, log: Callable[[str], None]
+                 ) -> tuple[dict, list[dict]]:
+    """Reference answer + every planned run for one prompt; returns the prompt's document and the runs the
+    native code refused."""
+    skipped: list[dict] = []
+    log(f"{head} reference answer ({cfg.answer_tokens} tokens, full cache) ... "
+        f"elapsed {_fmt_s(time.perf_counter() - t_start)}")
+    ref = reference_answer(model_path, key, prompt, cfg.answer_tokens, seed=cfg.seed, threads=threads,
+                           n_ubatch=cfg.n_ubatch, cache_dir=cfg.cache_dir, log=log, gpu_layers=cfg.gpu_layers)
+    how = f"from cache {ref['cached']}" if ref.get("cached") else f"generated in {ref['seconds']} s"
+    log(f"{head}   reference {how}")
+    seq = chat.build(prompt, ref["tokens"])
+    common = dict(window=cfg.window, interval=cfg.interval, n_ubatch=cfg.n_ubatch, threads=threads, seed=cfg.seed,
+                  gpu_layers=cfg.gpu_layers)
+
+    full = teacher_force(model_path, seq, POLICIES["full"], None, keep_lp=True, **common)
+    lp_full = full.lp
+    full.lp = None
+    nll_full = full.nll
+    runs = []
+    for policy, budget in runs_plan:
+        if policy.name == "full":
+            res = full
+        else:
+            try:
+                res = teacher_force(model_path, seq, policy, budget, lp_full=lp_full, **common)
+            except (ValueError, RuntimeError) as e:  # a refusal of the native code: report, go on
+                skipped.append({"policy": policy.name, "budget": budget, "prompt": prompt["id"], "reason": str(e)})
+                log(f"{head} {policy.name} C={budget}: FAILED: {e}")
+                continue
+        summary = summarize_tokens(res.kl, res.top1, res.nll, nll_full)
+        run = {
+            "policy": policy.name, "budget": res.budget,
+            **{k: summary[k] for k in ("kl", "top1", "nll", "nll_full", "nll_ratio")},
+            "bins": summary["bins"],
+            "recall": [{k: r[k] for k in ("kind", "answer", "prob", "logprob", "exact")}
+                       | {"argmax_text": tok_llm.detokenize(r["argmax"]).decode("utf-8", errors="replace")}
+                       for r in res.recall],
+            "recall_exact": float(np.mean([r["exact"] for r in res.recall])) if res.recall else None,
+            "recall_prob": float(np.mean([r["prob"] for r in res.recall])) if res.recall else None,
+            "memory_end_bytes": _memory_at(res.trace, len(seq.answer)),
+            "memory_max_bytes": max(m for _, _, m in res.trace),
+            "kv_bytes_allocated": int(res.info["kv_bytes"]), "n_cells": int(res.info["n_cells"]),
+            "n_used_end": int(res.info["n_used"]), "n_evictions": int(res.info["n_evictions"]),
+            "evict_ms": round(float(res.info["t_evict_ms"]), 2),
+            "seconds": round(res.seconds, 2), "pieces": res.pieces,
+            "memory_trace": _thin(res.trace, 64),
+        }
+        runs.append(run)
+        log(f"{head} {policy.name:<13} C={str(res.budget or '-'):>4}: KL {run['kl']:.4f}  top-1 {run['top1']:.3f}  "
+            f"NLL x{run['nll_ratio']:.3f}  recall {run['recall_exact']:.2f}  "
+            f"KV {run['memory_end_bytes'] / 2**20:.2f} MiB  ({res.seconds:.1f} s, "
+            f"elapsed {_fmt_s(time.perf_counter() - t_start)})")
+    del lp_full
+    gc.collect()
+    doc_prompt = {"id": prompt["id"], "split": prompt["split"], "type": prompt["type"],
+                  "n_prompt_tokens": len(seq.prompt), "n_answer_tokens": len(seq.answer),
+                  "n_tail_tokens": len(seq.tail), "reference_cached": bool(ref.get("cached")),
+                  "reference_text_start": ref["text"][:300], "runs": runs}
+    return doc_prompt, skipped
 
 
 def run_eval(cfg: EvalConfig, log: Callable[[str], None] | None = None) -> dict:
@@ -767,69 +855,39 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] | None = None) -> dict:
     for sk in skipped:
         log(f"skipping {sk['policy']} at budget {sk['budget']}: {sk['reason']}")
 
-    doc_prompts = []
-    for pi, prompt in enumerate(prompts):
-        head = f"[prompt {pi + 1}/{len(prompts)} {prompt['id']}]"
-        log(f"{head} reference answer ({cfg.answer_tokens} tokens, full cache) ... "
-            f"elapsed {_fmt_s(time.perf_counter() - t_start)}")
-        ref = reference_answer(model_path, key, prompt, cfg.answer_tokens, seed=cfg.seed, threads=threads,
-                               n_ubatch=cfg.n_ubatch, cache_dir=cfg.cache_dir, log=log)
-        how = f"from cache {ref['cached']}" if ref.get("cached") else f"generated in {ref['seconds']} s"
-        log(f"{head}   reference {how}")
-        seq = chat.build(prompt, ref["tokens"])
-        common = dict(window=cfg.window, interval=cfg.interval, n_ubatch=cfg.n_ubatch, threads=threads, seed=cfg.seed)
+    doc_prompts: list[dict | None] = [None] * len(prompts)
+    jobs = max(1, min(cfg.jobs, len(prompts)))
+    per_job_threads = max(1, threads // jobs) if jobs > 1 else threads
+    tasks = [dict(model_path=model_path, key=key, prompt=prompt, head=f"[prompt {pi + 1}/{len(prompts)} {prompt['id']}]",
+                  runs_plan=runs_plan, cfg=cfg, threads=per_job_threads, t_start=t_start)
+             for pi, prompt in enumerate(prompts)]
+    if jobs == 1:
+        for pi, task in enumerate(tasks):
+            doc_prompts[pi], failed = _eval_prompt(chat=chat, tok_llm=tok_llm, log=log, **task)
+            skipped.extend(failed)
+    else:
+        # one process per prompt at a time (spawned: a forked llama.cpp context is not safe to reuse);
+        # workers log to stderr themselves, results come back in prompt order
+        import concurrent.futures as cf
+        import multiprocessing as mp
 
-        full = teacher_force(model_path, seq, POLICIES["full"], None, keep_lp=True, **common)
-        lp_full = full.lp
-        full.lp = None
-        nll_full = full.nll
-        runs = []
-        for policy, budget in runs_plan:
-            if policy.name == "full":
-                res = full
-            else:
-                try:
-                    res = teacher_force(model_path, seq, policy, budget, lp_full=lp_full, **common)
-                except (ValueError, RuntimeError) as e:  # a refusal of the native code: report, go on
-                    skipped.append({"policy": policy.name, "budget": budget, "prompt": prompt["id"], "reason": str(e)})
-                    log(f"{head} {policy.name} C={budget}: FAILED: {e}")
-                    continue
-            summary = summarize_tokens(res.kl, res.top1, res.nll, nll_full)
-            run = {
-                "policy": policy.name, "budget": res.budget,
-                **{k: summary[k] for k in ("kl", "top1", "nll", "nll_full", "nll_ratio")},
-                "bins": summary["bins"],
-                "recall": [{k: r[k] for k in ("kind", "answer", "prob", "logprob", "exact")}
-                           | {"argmax_text": tok_llm.detokenize(r["argmax"]).decode("utf-8", errors="replace")}
-                           for r in res.recall],
-                "recall_exact": float(np.mean([r["exact"] for r in res.recall])) if res.recall else None,
-                "recall_prob": float(np.mean([r["prob"] for r in res.recall])) if res.recall else None,
-                "memory_end_bytes": _memory_at(res.trace, len(seq.answer)),
-                "memory_max_bytes": max(m for _, _, m in res.trace),
-                "kv_bytes_allocated": int(res.info["kv_bytes"]), "n_cells": int(res.info["n_cells"]),
-                "n_used_end": int(res.info["n_used"]), "n_evictions": int(res.info["n_evictions"]),
-                "evict_ms": round(float(res.info["t_evict_ms"]), 2),
-                "seconds": round(res.seconds, 2), "pieces": res.pieces,
-                "memory_trace": _thin(res.trace, 64),
-            }
-            runs.append(run)
-            log(f"{head} {policy.name:<13} C={str(res.budget or '-'):>4}: KL {run['kl']:.4f}  top-1 {run['top1']:.3f}  "
-                f"NLL x{run['nll_ratio']:.3f}  recall {run['recall_exact']:.2f}  "
-                f"KV {run['memory_end_bytes'] / 2**20:.2f} MiB  ({res.seconds:.1f} s, "
-                f"elapsed {_fmt_s(time.perf_counter() - t_start)})")
-        del lp_full
-        gc.collect()
-        doc_prompts.append({"id": prompt["id"], "split": prompt["split"], "type": prompt["type"],
-                            "n_prompt_tokens": len(seq.prompt), "n_answer_tokens": len(seq.answer),
-                            "n_tail_tokens": len(seq.tail), "reference_cached": bool(ref.get("cached")),
-                            "reference_text_start": ref["text"][:300], "runs": runs})
+        log(f"{len(prompts)} prompts in {jobs} processes of {per_job_threads} thread(s)")
+        # llama_cpp is imported before the tasks (and numpy with them): with a CUDA libllama from
+        # LLAMA_CPP_LIB_PATH, numpy imported first crashed the library's load on the GPU machine
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                                    initializer=importlib.import_module, initargs=("llama_cpp",)) as pool:
+            futures = {pool.submit(_eval_prompt_worker, task): pi for pi, task in enumerate(tasks)}
+            for fut in cf.as_completed(futures):
+                doc_prompts[futures[fut]], failed = fut.result()
+                skipped.extend(failed)
     tok_llm.close()
 
     doc = {
         "model": str(model_path), "model_key": key,
         "config": {"policies": [p.name for p in policies], "budgets": budgets, "answer_tokens": cfg.answer_tokens,
                    "split": cfg.split, "n_prompts": len(prompts), "window": cfg.window, "interval": cfg.interval,
-                   "n_ubatch": cfg.n_ubatch, "threads": threads, "seed": cfg.seed, "quick": cfg.quick,
+                   "n_ubatch": cfg.n_ubatch, "threads": threads, "jobs": cfg.jobs,
+                   "gpu_layers": cfg.gpu_layers, "backend": _backend_name(cfg.gpu_layers), "seed": cfg.seed, "quick": cfg.quick,
                    "sampling": SAMPLING, "n_bins": N_BINS,
                    "policy_settings": {p.name: {"kv": p.kv, "native": p.native, "description": p.description}
                                        for p in policies},
@@ -901,6 +959,12 @@ def _mib(b: float) -> str:
     return f"{b / 2**20:.2f}"
 
 
+def _where(c: dict) -> str:
+    where = "on the GPU" if c.get("backend") == "gpu" else f"{c['threads']} CPU threads"
+    jobs = c.get("jobs", 1)
+    return where + (f", {jobs} prompts at a time" if jobs > 1 else "")
+
+
 def markdown_report(doc: dict) -> str:
     c = doc["config"]
     lines = [
@@ -911,8 +975,7 @@ def markdown_report(doc: dict) -> str:
         f"repeat penalty {c['sampling']['repeat_penalty']}, DRY {c['sampling']['dry_multiplier']}/{c['sampling']['dry_base']}/"
         f"{c['sampling']['dry_allowed_length']}, EOS masked, seed {c['seed']}); every policy reads them with "
         f"teacher forcing in the eviction schedule of token-by-token generation. Window W={c['window']}, eviction "
-        f"interval S={c['interval']}, n_ubatch={c['n_ubatch']}, {c['threads']} threads. Wall time "
-        f"{_fmt_s(doc['wall_seconds'])}.",
+        f"interval S={c['interval']}, n_ubatch={c['n_ubatch']}, {_where(c)}. Wall time {_fmt_s(doc['wall_seconds'])}.",
         "",
         "KL = mean KL(full || policy) per answer token (nats); top-1 = agreement of the argmax with the full "
         "cache; NLL ratio = mean NLL of the reference tokens under the policy / under the full cache; recall EM = "

@@ -8,6 +8,13 @@
 #   phase test:  carry .gpu/model.part.01 .gpu/llama_cpp_py.tar.xz; the native-vs-NumPy-reference
 #                eviction tests (tests/test_kv_budget.py) with the default model on the GPU (CUDA libllama)
 #   phase run:   llama-bench per tree and budget (one process each, GPU memory sampled), JSON into $OUT
+#   phase kernel: the fused scoring op on the GPU (test-backend-ops -o KV_SCORES, test-kv-scores and its
+#                perf), then llama-bench with the composed graph vs the fused op (MORPHKV_KV_SCORES) on the
+#                8B shape, and the same with MORPHKV_EVICT_PROFILE=1 (scoring / top-k / gather per eviction)
+#   phase eval:  carry .gpu/model.part.01 .gpu/llama_cpp_py.tar.xz; `morphkv eval` on the GPU (CUDA
+#                libllama), MORPHKV_EVAL_JOBS prompts at a time; eval.json etc. into $OUT/eval.tgz
+# MORPHKV_BENCH_TREES="patched" builds (and later runs) only the patched tree; the patched tree also
+# builds test-backend-ops and test-kv-scores.
 # Prepare here: scripts/gpu_bench_prepare.sh. Summarise there: scripts/bench_summary.py $OUT
 set -euo pipefail
 work=/tmp/mkvbench
@@ -16,40 +23,62 @@ shapes="${MORPHKV_BENCH_SHAPES:-llama-3.2-1b llama-3.1-8b}"
 depths="${MORPHKV_BENCH_DEPTHS:-0,4096,16384,65536,131072}"
 budgets="${MORPHKV_BENCH_BUDGETS:-1024 2048 4096}"
 prefill="${MORPHKV_BENCH_PREFILL:-131072}"
+trees="${MORPHKV_BENCH_TREES:-stock patched}"
 
 configure() {  # tree
     [ -f "$work/build-$1/build.ninja" ] && return 0
     mkdir -p "$work/src-$1" && tar -xJf ".gpu/llama-$1.tar.xz" -C "$work/src-$1"
     cmake -S "$work/src-$1" -B "$work/build-$1" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
         -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
-        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_SERVER=OFF \
+        -DLLAMA_BUILD_TESTS=$([ "$1" = patched ] && echo ON || echo OFF) -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_SERVER=OFF \
         -DGGML_CUDA_FA_QUANTS=f16-f16 > "$OUT/configure-$1.log" 2>&1
 }
 
 case "${1:?usage: gpu_bench.sh build|test|run}" in
 build)
     [ -f .gpu/model.part.00 ] && cp .gpu/model.part.00 "$work/"
-    configure stock
-    configure patched
+    for t in $trees; do configure "$t"; done
     # the synthetic models are written while the two trees compile (8 jobs each)
     ( export PYTHONPATH="$work/src-patched/gguf-py:$PWD"
       for s in $shapes; do
           [ -f "$work/$s.gguf" ] || python3 -m morphkv_gguf gguf synth "$s" "$work/$s.gguf" --type f16
       done > "$OUT/synth.log" 2>&1 ) &
     synth=$!
-    cmake --build "$work/build-stock" --target llama-bench -j 8 > "$OUT/build-stock.log" 2>&1 &
-    stock=$!
-    cmake --build "$work/build-patched" --target llama-bench -j 8 > "$OUT/build-patched.log" 2>&1
-    wait $stock; wait $synth
-    tail -1 "$OUT/build-stock.log" "$OUT/build-patched.log" "$OUT/synth.log"
+    n_trees=$(echo $trees | wc -w)
+    pids=""
+    for t in $trees; do
+        targets="llama-bench"
+        [ "$t" = patched ] && targets="llama-bench test-backend-ops test-kv-scores"
+        cmake --build "$work/build-$t" --target $targets -j $((16 / n_trees)) > "$OUT/build-$t.log" 2>&1 &
+        pids="$pids $!"
+    done
+    for p in $pids; do wait $p; done
+    wait $synth
+    for t in $trees; do tail -1 "$OUT/build-$t.log"; done
+    tail -1 "$OUT/synth.log"
     ls -la "$work"/*.gguf
     ;;
-test)
-    cat "$work/model.part.00" .gpu/model.part.01 > "$work/model.gguf"
+test|eval)
+    [ -f "$work/model.gguf" ] || cat "$work/model.part.00" .gpu/model.part.01 > "$work/model.gguf"
     mkdir -p "$work/py" "$work/stub" && tar -xJf .gpu/llama_cpp_py.tar.xz -C "$work/py"
     echo "class Cache: pass" > "$work/stub/diskcache.py"
     export PYTHONPATH="$work/py:$work/stub:$PWD" LLAMA_CPP_LIB_PATH="$work/build-patched/bin"
     export MORPHKV_MODEL="$work/model.gguf" MORPHKV_TEST_GPU_LAYERS=99
+    if [ "$1" = eval ]; then
+        # click may be missing there: the evaluation is called directly (same code as `morphkv eval`);
+        # the plots are drawn here from eval.json (morphkv eval --render)
+        t0=$SECONDS
+        PYTHONUNBUFFERED=1 python3 -c "
+import llama_cpp, sys
+from morphkv_gguf import evaluation as ev
+cfg = ev.EvalConfig(gpu_layers=99, jobs=int(sys.argv[1]), cache_dir='$work/eval-cache')
+doc = ev.run_eval(cfg)
+ev.write_outputs(doc, sys.argv[2], plots=False)
+print(open(sys.argv[2] + '/eval.md').read())" "${MORPHKV_EVAL_JOBS:-16}" "$work/eval" 2>&1 | tee "$OUT/eval.log" | grep -v '^\[prompt' | tail -40
+        echo "eval: $((SECONDS - t0)) s"
+        tar -C "$work" -czf "$OUT/eval.tgz" eval eval-cache
+        exit 0
+    fi
     python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(sys.argv[1:]))" tests/test_kv_budget.py -q -p no:cacheprovider \
         -k "reference or streaming or memory_stays_constant or below_the_budget" 2>&1 | tee "$OUT/pytest-cuda.txt" | tail -15
     ;;
@@ -57,6 +86,7 @@ run)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
     bench() {  # name tree model extra-args...
         local name=$1 tree=$2 model=$3; shift 3
+        [ -x "$work/build-$tree/bin/llama-bench" ] || { echo "$name: skipped ($tree not built)"; return 0; }
         nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/$name.mem" &
         local smi=$!
         local t0=$SECONDS
@@ -76,5 +106,32 @@ run)
         bench "$s-kvb2048-pp" patched "$m" -p "$prefill" -n 0 -r 1 -kvb 2048
     done
     ;;
-*) echo "unknown phase '$1' (accepted: build, test, run)" >&2; exit 2 ;;
+kernel)
+    bin="$work/build-patched/bin"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+    "$bin/test-backend-ops" test -o KV_SCORES -b CUDA0 > "$OUT/test-backend-ops-kv-scores.txt" 2>&1 || echo "test-backend-ops failed: $?"
+    grep -E "tests passed|FAIL|not supported" "$OUT/test-backend-ops-kv-scores.txt" | sort | uniq -c | tail -8
+    "$bin/test-kv-scores" > "$OUT/test-kv-scores.txt" 2>&1 || echo "test-kv-scores failed: $?"
+    tail -3 "$OUT/test-kv-scores.txt"
+    "$bin/test-kv-scores" perf > "$OUT/test-kv-scores-perf.txt" 2>&1 || echo "test-kv-scores perf failed: $?"
+    grep -A40 "^perf" "$OUT/test-kv-scores-perf.txt" | grep -i "cuda" | head -30
+    m="$work/llama-3.1-8b.gguf"
+    for mode in composed fused; do
+        # decode speed with evictions (depth >= the budget), then one run with every eviction timed apart
+        MORPHKV_KV_SCORES=$mode "$bin/llama-bench" -m "$m" -ngl 99 -fa 1 -r 2 -o json --verbose -p 0 -n 128 \
+            -d "${MORPHKV_KERNEL_DEPTHS:-4096,16384}" -kvb 1024,2048,4096 > "$OUT/ab-$mode.json" 2> "$OUT/ab-$mode.log" \
+            || echo "ab-$mode failed: $?"
+        MORPHKV_KV_SCORES=$mode MORPHKV_EVICT_PROFILE=1 "$bin/llama-bench" -m "$m" -ngl 99 -fa 1 -r 1 -o json --verbose \
+            -p 0 -n 192 -d 4096 -kvb 1024,2048,4096 > "$OUT/profile-$mode.json" 2> "$OUT/profile-$mode.log" \
+            || echo "profile-$mode failed: $?"
+        grep -h "profile: eviction" "$OUT/profile-$mode.log" | tail -3
+        python3 - "$OUT/ab-$mode.json" "$mode" <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1])):
+    print(f"{sys.argv[2]:>8} kvb {r.get('kv_budget')} d {r['n_depth']}: {r['avg_ts']:.1f} t/s")
+PY
+    done
+    cd "$OUT" && tar -czf kernel.tgz --remove-files ./*.txt ./*.json ./*.log
+    ;;
+*) echo "unknown phase '$1' (accepted: build, test, eval, kernel, run)" >&2; exit 2 ;;
 esac

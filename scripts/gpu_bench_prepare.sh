@@ -11,7 +11,7 @@ pack() {  # tree-dir out
         --exclude='ggml/src/ggml-cann' --exclude='ggml/src/ggml-musa' --exclude='ggml/src/ggml-metal' \
         --exclude='ggml/src/ggml-webgpu' --exclude='ggml/src/ggml-hexagon' --exclude='ggml/src/ggml-zdnn' \
         --exclude='tools/server/public*' --exclude='tools/ui' --exclude='*.gguf' \
-        CMakeLists.txt cmake ggml src include common vendor tools app gguf-py $(cd "$1" && ls -d licenses LICENSE 2>/dev/null)
+        CMakeLists.txt cmake ggml src include common vendor tools app gguf-py tests $(cd "$1" && ls -d licenses LICENSE 2>/dev/null)
     echo "$2: $(du -h "$2" | cut -f1)"
 }
 pack "${MORPHKV_PATCHED_TREE:-$root/vendor/llama.cpp}" "$root/.gpu/llama-patched.tar.xz"
