@@ -465,7 +465,9 @@ def gguf_synth(shape: str, out: Path, dtype: str, seed: int, force: bool) -> Non
 @click.option("--budgets", default=None, help="KV budgets C in cells, comma-separated [default: 64,128,256,512]")
 @click.option("--policies", default=None,
               help="comma-separated, from full, full-shift (the full cache in other batches: the numerical "
-                   "floor), morphkv, morphkv-max, morphkv-token, streaming, h2o, snapkv [default: all]")
+                   "floor), morphkv, morphkv-max, morphkv-token, streaming, h2o, snapkv, or a variant of a budgeted one "
+                   "such as morphkv:window=64:sinks=4 (keys window, sinks, interval, fusion, group, granularity) "
+                   "[default: all]")
 @click.option("--answer-tokens", type=click.IntRange(min=2), default=None,
               help="tokens of each reference answer [default: 2048; --quick 1024]")
 @click.option("--prompts", "n_prompts", type=click.IntRange(min=1), default=None,

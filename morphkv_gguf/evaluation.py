@@ -77,6 +77,9 @@ class Policy:
     def sinks(self) -> int:
         return int(self.kv.get("kv_sinks", 0))
 
+    def window(self, default: int) -> int:
+        return int(self.kv.get("kv_window", default))
+
 
 POLICIES: dict[str, Policy] = {p.name: p for p in (
     Policy("full", {}, True, None, "stock full cache (flash attention)"),
@@ -95,6 +98,45 @@ POLICIES: dict[str, Policy] = {p.name: p for p in (
            first_single=True),
 )}
 ALL_POLICIES = tuple(POLICIES)
+
+# settings a policy variant may change: "morphkv:window=64:sinks=4" (for tuning on the dev split)
+VARIANT_KEYS = {"window": "kv_window", "sinks": "kv_sinks", "fusion": "kv_fusion", "group": "kv_group_reduce",
+                "granularity": "kv_granularity", "interval": "kv_evict_interval"}
+_VARIANT_VALUES = {"kv_fusion": ("sum", "max"), "kv_group_reduce": ("sum", "max"),
+                   "kv_granularity": ("head", "token")}
+
+
+def resolve_policy(spec: str) -> Policy:
+    """A policy by name, or a variant of a budgeted one: ``NAME:key=value[:key=value...]`` with keys
+    window, sinks, interval (integers), fusion, group (sum|max) and granularity (head|token)."""
+    name, *settings = [part.strip() for part in spec.split(":")]
+    if name not in POLICIES:
+        raise EvalError(f"unknown policy {name!r} (accepted: {', '.join(ALL_POLICIES)}, or NAME:key=value variants)")
+    base = POLICIES[name]
+    if not settings:
+        return base
+    if not base.budgeted:
+        raise EvalError(f"policy {name!r} has no settings to vary (variants are for budgeted policies)")
+    kv = dict(base.kv)
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in VARIANT_KEYS:
+            raise EvalError(f"bad policy setting {item!r} in {spec!r} (expected key=value with key one of "
+                            f"{', '.join(VARIANT_KEYS)})")
+        kv_key = VARIANT_KEYS[key]
+        if kv_key in _VARIANT_VALUES:
+            if value not in _VARIANT_VALUES[kv_key]:
+                raise EvalError(f"bad {key} {value!r} in {spec!r} (accepted: {', '.join(_VARIANT_VALUES[kv_key])})")
+            kv[kv_key] = value
+        else:
+            try:
+                kv[kv_key] = int(value)
+            except ValueError:
+                raise EvalError(f"bad {key} {value!r} in {spec!r} (expected an integer)") from None
+            if kv[kv_key] < (0 if key == "sinks" else 1):
+                raise EvalError(f"bad {key} {value!r} in {spec!r} (too small)")
+    return Policy(spec, kv, base.grows, base.native, f"{base.description}; variant {':'.join(settings)}",
+                  base.first_single)
 
 
 def native_has_policy_keyword() -> bool:
@@ -129,8 +171,7 @@ def parse_policies(text: str | Iterable[str]) -> list[str]:
     for name in items:
         if not name:
             continue
-        if name not in POLICIES:
-            raise EvalError(f"unknown policy {name!r} (accepted: {', '.join(ALL_POLICIES)})")
+        resolve_policy(name)  # raises EvalError with what is accepted
         if name not in out:
             out.append(name)
     if not out:
@@ -140,6 +181,7 @@ def parse_policies(text: str | Iterable[str]) -> list[str]:
 
 def budget_problem(policy: Policy, budget: int, window: int) -> str | None:
     """Why the native code would refuse this budget, or None."""
+    window = policy.window(window)
     if policy.budgeted and budget <= window + policy.sinks():
         return (f"kv_budget {budget} must be greater than kv_window {window} + kv_sinks {policy.sinks()} "
                 f"(the budget includes the protected cells)")
@@ -379,7 +421,8 @@ class Session:
         self._lc = llama_cpp
         kw: dict = {"flash_attn": True}
         if policy.budgeted:
-            kw.update(policy.kv, kv_budget=budget, kv_window=window, kv_evict_interval=interval)
+            kw.update(kv_budget=budget, kv_window=window, kv_evict_interval=interval)
+            kw.update(policy.kv)  # a variant's own window or interval wins
             if native_has_policy_keyword():
                 kw["kv_policy"] = policy.native
             elif policy.native != "morphkv":
@@ -387,7 +430,7 @@ class Session:
                                 f"llama-cpp-python lacks (rebuild the patched wheel)")
         self.policy = policy
         self.budget = budget if policy.budgeted else None
-        self.interval = interval
+        self.interval = int(policy.kv.get("kv_evict_interval", interval))
         self.n_ubatch = n_ubatch
         self.llm = Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch,
                          n_threads=threads, n_threads_batch=threads, seed=seed, n_gpu_layers=gpu_layers, verbose=False,
@@ -682,7 +725,7 @@ def teacher_force(model_path: Path, seq: Sequence, policy: Policy, budget: int |
             if policy.first_single:
                 k = 1 if done == 0 else min(n_ubatch, n_feed - done)
             else:
-                k = max_piece(info["n_used"], s.budget, interval, n_ubatch, n_feed - done)
+                k = max_piece(info["n_used"], s.budget, s.interval, n_ubatch, n_feed - done)
             if done < T:
                 k = min(k, T - done)  # a piece ends at the answer's end: the memory trace gets that point
             want = need[done:done + k]
@@ -826,7 +869,7 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] | None = None) -> dict:
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     cfg.validate()
     model_path = resolve_model(cfg.model)
-    policies = [POLICIES[p] for p in parse_policies(cfg.policies)]
+    policies = [resolve_policy(p) for p in parse_policies(cfg.policies)]
     budgets = parse_budgets(cfg.budgets)
     if any(p.native not in (None, "morphkv") for p in policies) and not native_has_policy_keyword():
         names = ", ".join(p.name for p in policies if p.native not in (None, "morphkv"))

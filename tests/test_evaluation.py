@@ -120,6 +120,20 @@ def test_parse_lists():
         ev.parse_policies("full,lru")
 
 
+def test_policy_variants():
+    v = ev.resolve_policy("morphkv:window=64:sinks=4:fusion=max")
+    assert v.name == "morphkv:window=64:sinks=4:fusion=max" and v.native == "morphkv" and v.budgeted
+    assert v.kv["kv_window"] == 64 and v.kv["kv_sinks"] == 4 and v.kv["kv_fusion"] == "max"
+    assert v.kv["kv_granularity"] == "head"                        # the rest from the base policy
+    assert ev.budget_problem(v, 68, 32) and ev.budget_problem(v, 69, 32) is None   # its own window counts
+    assert ev.parse_policies("full,morphkv:sinks=4") == ["full", "morphkv:sinks=4"]
+    for bad, why in (("morphkv:win=3", "key one of window"), ("full:window=8", "no settings to vary"),
+                     ("morphkv:fusion=avg", "accepted: sum, max"), ("morphkv:window=x", "an integer"),
+                     ("morphkv:window=0", "too small"), ("lru:window=8", "unknown policy")):
+        with pytest.raises(ev.EvalError, match=why):
+            ev.resolve_policy(bad)
+
+
 # --- prompts -------------------------------------------------------------------------------------
 
 def test_prompt_set():
@@ -223,3 +237,32 @@ def test_cli_eval_tiny(model_path, tmp_path):
     assert res.exit_code == 0, res.output
     assert "| morphkv | 64 |" in res.output
     assert (tmp_path / "out" / "eval.json").exists() and (tmp_path / "out" / "memory_vs_length.png").exists()
+
+
+def test_jobs_give_the_same_results_as_one_process(tiny_eval, model_path, tmp_path):
+    """Prompts evaluated in worker processes: same figures, same prompt order as one process."""
+    cfg = tiny_eval[0]
+    base = dict(model=model_path, policies=["full", "morphkv:window=8"], budgets=[48], answer_tokens=64, split="dev",
+                n_prompts=2, window=16, interval=16, threads=2, cache_dir=cfg.cache_dir)
+    one = ev.run_eval(ev.EvalConfig(**base), log=lambda s: None)
+    two = ev.run_eval(ev.EvalConfig(**base, jobs=2), log=lambda s: None)
+    assert [p["id"] for p in two["prompts"]] == [p["id"] for p in one["prompts"]]
+    for a, b in zip(one["prompts"], two["prompts"]):
+        assert [(r["policy"], r["budget"], r["kl"], r["nll"]) for r in a["runs"]] == \
+               [(r["policy"], r["budget"], r["kl"], r["nll"]) for r in b["runs"]]
+    assert two["config"]["jobs"] == 2 and two["config"]["backend"] == "cpu"
+
+
+def test_cli_render_saved_results(tiny_eval, tmp_path):
+    doc = tiny_eval[1]
+    saved = tmp_path / "saved" / "eval.json"
+    saved.parent.mkdir()
+    saved.write_text(json.dumps(doc))
+    r = CliRunner().invoke(main, ["eval", "--render", str(saved), "--out", str(tmp_path / "re")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "re" / "eval.md").read_text() == ev.markdown_report(doc)
+    assert (tmp_path / "re" / "kl_vs_budget.png").stat().st_size > 0
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    r = CliRunner().invoke(main, ["eval", "--render", str(bad)])
+    assert r.exit_code != 0 and "not an eval.json results file" in r.output
