@@ -239,5 +239,14 @@ def export(paths: VendorPaths | None = None, patch_dir: Path = PATCH_DIR) -> lis
         path.write_text(_description(path) + _diff(paths, f"{rev}~1", rev))
         written.append(path)
     (patch_dir / SERIES_FILE).write_text("".join(n + "\n" for n in names))
+    # the commits' trailers name the sha256 of their patch file, which `status` and `apply` compare:
+    # re-stamp them (same trees, new messages) so that an exported series counts as applied
+    parent = git(paths.sdist_tree, "rev-parse", PRISTINE_TAG).stdout.strip()
+    for rev, path in zip(revs, written):
+        tree = git(paths.sdist_tree, "rev-parse", f"{rev}^{{tree}}").stdout.strip()
+        message = f"{path.name}\n\n{_TRAILER} {_sha(path.read_text().encode())}"
+        parent = git(paths.sdist_tree, "commit-tree", tree, "-p", parent, "-m", message).stdout.strip()
+    if written:
+        git(paths.sdist_tree, "update-ref", "-m", "morphkv dev patches export", "HEAD", parent)
     log(f"exported {len(written)} patches to {patch_dir}")
     return written

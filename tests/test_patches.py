@@ -106,6 +106,14 @@ def test_save_new_patch_then_export_recreates_every_file(fresh_vendor, patch_dir
     for name, text in after.items():
         if name != "0099-test-note.patch":
             assert text == (patches.PATCH_DIR / name).read_text(), name
+    # a description edited in a patch file (an earlier patch changed after `git rebase -i`): export keeps
+    # it, and re-stamps the commits so that the series still counts as applied
+    first = patch_dir / (patch_dir / "series").read_text().splitlines()[0]
+    first.write_text("edited description\n\n" + first.read_text())
+    assert not patches.state(fresh_vendor, patch_dir).up_to_date
+    patches.export(fresh_vendor, patch_dir)
+    assert first.read_text().startswith("edited description\n")
+    assert patches.state(fresh_vendor, patch_dir).up_to_date
 
 
 def test_bad_patch_name_is_rejected(fresh_vendor, patch_dir):
