@@ -14,7 +14,10 @@
 #   phase eval:  carry .gpu/model.part.01 .gpu/llama_cpp_py.tar.xz; `morphkv eval` on the GPU (CUDA
 #                libllama), MORPHKV_EVAL_JOBS prompts at a time; eval.json etc. into $OUT/eval.tgz
 # MORPHKV_BENCH_TREES="patched" builds (and later runs) only the patched tree; the patched tree also
-# builds test-backend-ops and test-kv-scores.
+# builds test-kv-scores and (unless MORPHKV_BENCH_OPS_TEST is set empty) test-backend-ops.
+# Other knobs: MORPHKV_BENCH_SHAPES/DEPTHS/BUDGETS/PREFILL (build, run); MORPHKV_KERNEL_MODES ("composed
+# fused"), MORPHKV_KERNEL_BUDGETS ("1024 2048 4096"), MORPHKV_KERNEL_DEPTHS ("4096,16384"),
+# MORPHKV_KERNEL_PERF (1: test-kv-scores perf) (kernel); MORPHKV_EVAL_JOBS, MORPHKV_EVAL_POLICIES (eval).
 # Prepare here: scripts/gpu_bench_prepare.sh. Summarise there: scripts/bench_summary.py $OUT
 set -euo pipefail
 work=/tmp/mkvbench
