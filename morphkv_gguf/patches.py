@@ -62,6 +62,11 @@ def _sha(text: bytes) -> str:
     return hashlib.sha256(text).hexdigest()
 
 
+def _commit_message(name: str, sha: str) -> str:
+    """The message of the vendor commit that holds patch ``name`` (its trailer is what `status` compares)."""
+    return f"{name}\n\n{_TRAILER} {sha}"
+
+
 def read_series(patch_dir: Path = PATCH_DIR) -> list[Patch]:
     series_path = patch_dir / SERIES_FILE
     if not series_path.exists():
@@ -153,7 +158,7 @@ def apply(paths: VendorPaths | None = None, patch_dir: Path = PATCH_DIR) -> list
         if why:
             raise PatchError(f"patch {patch.name} does not apply to {paths.sdist_tree}:\n{why}")
         git(paths.sdist_tree, "apply", "--index", "--whitespace=nowarn", str(patch_path))
-        git(paths.sdist_tree, "commit", "-q", "--allow-empty", "-m", f"{patch.name}\n\n{_TRAILER} {patch.sha256}")
+        git(paths.sdist_tree, "commit", "-q", "--allow-empty", "-m", _commit_message(patch.name, patch.sha256))
         done.append(patch.name)
         log(f"applied {patch.name}")
     return done
@@ -214,7 +219,7 @@ def save(name: str, description: str = "", paths: VendorPaths | None = None,
     text = (description or _description(path)) + body
     path.write_text(text)
     sha = _sha(text.encode())
-    commit_args = ["commit", "-q", "-m", f"{name}\n\n{_TRAILER} {sha}"]
+    commit_args = ["commit", "-q", "-m", _commit_message(name, sha)]
     if amend:
         commit_args.insert(1, "--amend")
     git(paths.sdist_tree, *commit_args)
@@ -244,7 +249,7 @@ def export(paths: VendorPaths | None = None, patch_dir: Path = PATCH_DIR) -> lis
     parent = git(paths.sdist_tree, "rev-parse", PRISTINE_TAG).stdout.strip()
     for rev, path in zip(revs, written):
         tree = git(paths.sdist_tree, "rev-parse", f"{rev}^{{tree}}").stdout.strip()
-        message = f"{path.name}\n\n{_TRAILER} {_sha(path.read_text().encode())}"
+        message = _commit_message(path.name, _sha(path.read_bytes()))
         parent = git(paths.sdist_tree, "commit-tree", tree, "-p", parent, "-m", message).stdout.strip()
     if written:
         git(paths.sdist_tree, "update-ref", "-m", "morphkv dev patches export", "HEAD", parent)
