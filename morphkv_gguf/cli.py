@@ -486,7 +486,7 @@ def gguf_synth(shape: str, out: Path, dtype: str, seed: int, force: bool) -> Non
 @click.option("-ngl", "--gpu-layers", type=click.IntRange(min=0), default=0, show_default=True,
               help="layers offloaded to the GPU (a CUDA build of the wheel)")
 @click.option("--render", "render_json", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="write the Markdown table and plots of a saved eval.json (a run made elsewhere) into --out "
+              help="write the Markdown table and plots of a saved eval.json or eval.json.gz (a run made elsewhere) into --out "
                    "[default: the file's folder]; runs nothing")
 @_fail_on(ValueError, OSError, RuntimeError)
 def eval_cmd(model: Path | None, quick: bool, budgets: str | None, policies: str | None, answer_tokens: int | None,
@@ -496,15 +496,8 @@ def eval_cmd(model: Path | None, quick: bool, budgets: str | None, policies: str
     from . import evaluation as ev
 
     if render_json is not None:
-        import json
-
-        try:
-            doc = json.loads(render_json.read_text())
-        except json.JSONDecodeError as e:
-            raise click.ClickException(f"{render_json} is not an eval.json results file: {e}")
-        if not isinstance(doc, dict) or not {"config", "summary", "prompts"} <= doc.keys():
-            raise click.ClickException(f"{render_json} is not an eval.json results file (no config/summary/prompts)")
-        paths = ev.write_outputs(doc, out_dir or render_json.parent)
+        doc = ev.load_results(render_json)
+        paths = ev.write_outputs(doc, out_dir or render_json.parent, results_file=False)
         click.echo(paths["markdown"].read_text())
         click.echo(f"[wrote {', '.join(str(p) for p in paths.values())}]", err=True)
         return

@@ -1134,11 +1134,30 @@ def _plot_budget(doc: dict) -> int | None:
     return 128 if 128 in budgets else budgets[0]
 
 
-def write_outputs(doc: dict, out_dir: Path, plots: bool = True) -> dict[str, Path]:
+def load_results(path: Path) -> dict:
+    """A results document written by ``write_outputs`` (``eval.json``, or gzip-compressed ``eval.json.gz``
+    as the recorded runs in results/ are kept)."""
+    import gzip
+
+    path = Path(path)
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        doc = json.loads(raw)
+    except (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvalError(f"{path} is not an eval.json results file: {e}") from None
+    if not isinstance(doc, dict) or not {"config", "summary", "prompts"} <= doc.keys():
+        raise EvalError(f"{path} is not an eval.json results file (no config/summary/prompts)")
+    return doc
+
+
+def write_outputs(doc: dict, out_dir: Path, plots: bool = True, results_file: bool = True) -> dict[str, Path]:
+    """eval.json (unless ``results_file`` is False: re-rendering a saved one), eval.md and the plots."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "eval.json", "markdown": out_dir / "eval.md"}
-    paths["json"].write_text(json.dumps(doc, indent=1))
+    paths = {"markdown": out_dir / "eval.md"}
+    if results_file:
+        paths["json"] = out_dir / "eval.json"
+        paths["json"].write_text(json.dumps(doc, indent=1))
     paths["markdown"].write_text(markdown_report(doc))
     if plots:
         for p in plot_results(doc, out_dir):

@@ -8,18 +8,18 @@ tuned on the dev split (one policy spec per budget, from other runs), with per-p
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections import defaultdict
+
+from morphkv_gguf.evaluation import load_results
 
 
 def load_runs(paths: list[str]) -> tuple[dict, list[str]]:
     """(prompt id, policy, budget) -> run; every file must hold the same prompts and the same full cache."""
     runs: dict = {}
     prompts: list[str] | None = None
-    full_kl_floor: dict = {}
+    nll_full: dict = {}
     for path in paths:
-        doc = json.load(open(path))
+        doc = load_results(path)
         ids = [p["id"] for p in doc["prompts"]]
         if prompts is None:
             prompts = ids
@@ -29,7 +29,7 @@ def load_runs(paths: list[str]) -> tuple[dict, list[str]]:
             for r in p["runs"]:
                 if r["policy"] == "full":
                     # the full cache is the reference of every file: its NLL must agree
-                    prev = full_kl_floor.setdefault(p["id"], r["nll"])
+                    prev = nll_full.setdefault(p["id"], r["nll"])
                     if abs(prev - r["nll"]) > 1e-9:
                         sys.exit(f"{path}: full-cache NLL of {p['id']} differs from {paths[0]} (other references?)")
                 runs[(p["id"], r["policy"], r["budget"])] = r
@@ -38,7 +38,7 @@ def load_runs(paths: list[str]) -> tuple[dict, list[str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("files", nargs="+", help="eval.json files (the first holds the baselines)")
+    ap.add_argument("files", nargs="+", help="eval.json or eval.json.gz files (the first holds the baselines)")
     ap.add_argument("--tuned", action="append", default=[], metavar="C=SPEC",
                     help="the dev-selected policy spec at budget C")
     ap.add_argument("--baselines", default="morphkv,streaming,h2o,snapkv")

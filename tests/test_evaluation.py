@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 
@@ -262,6 +263,13 @@ def test_cli_render_saved_results(tiny_eval, tmp_path):
     assert r.exit_code == 0, r.output
     assert (tmp_path / "re" / "eval.md").read_text() == ev.markdown_report(doc)
     assert (tmp_path / "re" / "kl_vs_budget.png").stat().st_size > 0
+    # the recorded runs in results/ are kept gzip-compressed: the same document, the same tables
+    packed = tmp_path / "saved" / "eval.json.gz"
+    packed.write_bytes(gzip.compress(saved.read_bytes()))
+    assert ev.load_results(packed) == doc
+    r = CliRunner().invoke(main, ["eval", "--render", str(packed), "--out", str(tmp_path / "re-gz")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "re-gz" / "eval.md").read_text() == ev.markdown_report(doc)
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2]")
     r = CliRunner().invoke(main, ["eval", "--render", str(bad)])
