@@ -38,6 +38,17 @@ def kv_mib(run: Path, name: str) -> float | None:
     return max(sizes) if sizes else None
 
 
+def evictions(run: Path, name: str) -> tuple[int, float, float, float] | None:
+    """(count, mean, median, max) ms of the evictions the process logged (llama-bench --verbose)."""
+    path = run / f"{name}.log"
+    if not path.exists():
+        return None
+    ms = sorted(float(m) for m in re.findall(r"eviction \d+: \d+ -> \d+ cells .*?, ([0-9.]+) ms", path.read_text()))
+    if not ms:
+        return None
+    return len(ms), sum(ms) / len(ms), ms[len(ms) // 2], ms[-1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
@@ -67,6 +78,12 @@ def main() -> None:
         for c in configs:
             lines.append(f"| {c} (tg, depths up to {max(depths)}) | {kv_mib(args.run, f'{shape}-{c}-tg') or '-'} | "
                          f"{peak_mib(args.run, f'{shape}-{c}-tg') or '-'} |")
+        ev = {c: evictions(args.run, f"{shape}-{c}-tg") for c in configs[2:]}
+        if any(ev.values()):
+            lines += ["", "| process | evictions | mean ms | median ms | max ms |", "|---|---|---|---|---|"]
+            for c, e in ev.items():
+                if e:
+                    lines.append(f"| {c} (tg) | {e[0]} | {e[1]:.1f} | {e[2]:.1f} | {e[3]:.1f} |")
         pp = {name: load(args.run, f"{shape}-{name}-pp") for name in ("stock", "kvb2048")}
         if any(pp.values()):
             lines += ["", "| prefill | tokens | tokens/s | KV buffer (MiB) | peak GPU memory (MiB) |", "|---|---|---|---|---|"]

@@ -9,20 +9,24 @@
 #                eviction tests (tests/test_kv_budget.py) with the default model on the GPU (CUDA libllama)
 #   phase run:   llama-bench per tree and budget (one process each, GPU memory sampled), JSON into $OUT
 #   phase kernel: the fused scoring op on the GPU (test-backend-ops -o KV_SCORES, test-kv-scores and its
-#                perf), then llama-bench with the composed graph vs the fused op (MORPHKV_KV_SCORES) on the
-#                8B shape, and the same with MORPHKV_EVICT_PROFILE=1 (scoring / top-k / gather per eviction)
+#                perf, each with the logits stored between the passes and with GGML_CUDA_KV_SCORES_RECOMPUTE=1),
+#                then on the 8B shape, per MORPHKV_KERNEL_RUNS entry mode:budget[:ab][:sN], a llama-bench run
+#                with MORPHKV_EVICT_PROFILE=1 (scoring / top-k / gather / host rewrite of every eviction) and,
+#                with :ab, decode speed at MORPHKV_KERNEL_DEPTHS; :sN sets the eviction interval to N
 #   phase eval:  carry .gpu/model.part.01 .gpu/llama_cpp_py.tar.xz; `morphkv eval` on the GPU (CUDA
 #                libllama), MORPHKV_EVAL_JOBS prompts at a time; eval.json etc. into $OUT/eval.tgz
 # MORPHKV_BENCH_TREES="patched" builds (and later runs) only the patched tree; the patched tree also
 # builds test-kv-scores and (unless MORPHKV_BENCH_OPS_TEST is set empty) test-backend-ops.
-# Other knobs: MORPHKV_BENCH_SHAPES/DEPTHS/BUDGETS/PREFILL (build, run); MORPHKV_KERNEL_MODES ("composed
-# fused"), MORPHKV_KERNEL_BUDGETS ("1024 2048 4096"), MORPHKV_KERNEL_DEPTHS ("4096,16384"),
-# MORPHKV_KERNEL_PERF (1: test-kv-scores perf) (kernel); MORPHKV_EVAL_JOBS, MORPHKV_EVAL_POLICIES (eval).
+# Other knobs: MORPHKV_BENCH_SHAPES/DEPTHS/BUDGETS/PREFILL (build, run; a shape NAME:TYPE, e.g.
+# llama-3.1-8b:q4_0, is written with those weights and measured for stock and kv_budget=2048 only);
+# MORPHKV_KERNEL_RUNS ("fused:1024 fused:2048:ab fused:4096 composed:2048:ab fused:2048:ab:s128"), MORPHKV_KERNEL_DEPTHS
+# ("4096,16384"), MORPHKV_KERNEL_PERF (1: test-kv-scores perf) (kernel); MORPHKV_EVAL_JOBS,
+# MORPHKV_EVAL_POLICIES (eval).
 # Prepare here: scripts/gpu_bench_prepare.sh. Summarise there: scripts/bench_summary.py $OUT
 set -euo pipefail
 work=/tmp/mkvbench
 mkdir -p "$work"
-shapes="${MORPHKV_BENCH_SHAPES:-llama-3.2-1b llama-3.1-8b}"
+shapes="${MORPHKV_BENCH_SHAPES:-llama-3.2-1b llama-3.1-8b llama-3.1-8b:q4_0}"
 depths="${MORPHKV_BENCH_DEPTHS:-0,4096,16384,65536,131072}"
 budgets="${MORPHKV_BENCH_BUDGETS:-1024 2048 4096}"
 prefill="${MORPHKV_BENCH_PREFILL:-131072}"
@@ -44,7 +48,8 @@ build)
     # the synthetic models are written while the two trees compile (8 jobs each)
     ( export PYTHONPATH="$work/src-patched/gguf-py:$PWD"
       for s in $shapes; do
-          [ -f "$work/$s.gguf" ] || python3 -m morphkv_gguf gguf synth "$s" "$work/$s.gguf" --type f16
+          [ -f "$work/${s/:/-}.gguf" ] || python3 -m morphkv_gguf gguf synth "${s%%:*}" "$work/${s/:/-}.gguf" \
+              --type "$([ "${s#*:}" = "$s" ] && echo f16 || echo "${s#*:}")"
       done > "$OUT/synth.log" 2>&1 ) &
     synth=$!
     n_trees=$(echo $trees | wc -w)
@@ -105,7 +110,13 @@ run)
         echo "$name: $((SECONDS - t0)) s, peak $(sort -n "$OUT/$name.mem" | tail -1) MiB, $(grep -m1 -o 'KV buffer size = *[0-9.]* MiB' "$OUT/$name.log" || echo 'KV ?')" | tee -a "$OUT/summary.txt"
     }
     for s in $shapes; do
-        m="$work/$s.gguf"
+        m="$work/${s/:/-}.gguf"
+        if [ "${s#*:}" != "$s" ]; then  # quantized weights: stock and the headline budget only
+            s="${s/:/-}"
+            bench "$s-stock-tg" stock "$m" -p 0 -n 64 -d "$depths"
+            bench "$s-kvb2048-tg" patched "$m" -p 0 -n 64 -d "$depths" -kvb 2048
+            continue
+        fi
         bench "$s-stock-tg" stock "$m" -p 0 -n 64 -d "$depths"
         bench "$s-patched-tg" patched "$m" -p 0 -n 64 -d "$depths"
         for c in $budgets; do
@@ -118,35 +129,49 @@ run)
 kernel)
     bin="$work/build-patched/bin"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-    if [ -x "$bin/test-backend-ops" ]; then
-        "$bin/test-backend-ops" test -o KV_SCORES -b CUDA0 > "$OUT/test-backend-ops-kv-scores.txt" 2>&1 || echo "test-backend-ops failed: $?"
-        grep -E "tests passed|FAIL|not supported" "$OUT/test-backend-ops-kv-scores.txt" | sort | uniq -c | tail -8
-    fi
-    "$bin/test-kv-scores" > "$OUT/test-kv-scores.txt" 2>&1 || echo "test-kv-scores failed: $?"
-    tail -3 "$OUT/test-kv-scores.txt"
-    if [ "${MORPHKV_KERNEL_PERF:-1}" = 1 ]; then
-        "$bin/test-kv-scores" perf > "$OUT/test-kv-scores-perf.txt" 2>&1 || echo "test-kv-scores perf failed: $?"
-        grep -v "CUDA graph" "$OUT/test-kv-scores-perf.txt" | grep -A40 "^perf" | grep -i "cuda" | head -30
-    fi
+    # the CUDA kernel stores the logits between its passes where they fit; RECOMPUTE=1 tests the other way
+    for way in stored recompute; do
+        export GGML_CUDA_KV_SCORES_RECOMPUTE=$([ $way = recompute ] && echo 1 || echo 0)
+        if [ -x "$bin/test-backend-ops" ]; then
+            "$bin/test-backend-ops" test -o KV_SCORES -b CUDA0 > "$OUT/test-backend-ops-kv-scores-$way.txt" 2>&1 || echo "test-backend-ops ($way) failed: $?"
+            echo "test-backend-ops ($way): $(grep -E "tests passed" "$OUT/test-backend-ops-kv-scores-$way.txt" | tail -1)"
+        fi
+        "$bin/test-kv-scores" > "$OUT/test-kv-scores-$way.txt" 2>&1 || echo "test-kv-scores ($way) failed: $?"
+        echo "test-kv-scores ($way): $(tail -1 "$OUT/test-kv-scores-$way.txt")"
+        if [ "${MORPHKV_KERNEL_PERF:-1}" = 1 ]; then
+            "$bin/test-kv-scores" perf > "$OUT/test-kv-scores-perf-$way.txt" 2>&1 || echo "test-kv-scores perf ($way) failed: $?"
+            echo "perf ($way), fused / composed us:"
+            grep -v "CUDA graph" "$OUT/test-kv-scores-perf-$way.txt" | grep -A40 "^perf" | grep -i "cuda" | head -24
+        fi
+    done
+    unset GGML_CUDA_KV_SCORES_RECOMPUTE
     m="$work/llama-3.1-8b.gguf"
-    for mode in ${MORPHKV_KERNEL_MODES:-composed fused}; do
-        for c in ${MORPHKV_KERNEL_BUDGETS:-1024 2048 4096}; do
-            # one process per budget: llama-bench restores the depth's KV state from the previous test
-            # of the same process, which would carry another budget's cells (and skip its evictions)
-            # decode speed with evictions (depth >= the budget), then one run with every eviction timed apart
+    for run in ${MORPHKV_KERNEL_RUNS:-fused:1024 fused:2048:ab fused:4096 composed:2048:ab fused:2048:ab:s128}; do
+        IFS=: read -r mode c opt1 opt2 <<< "$run"
+        ab=0; interval=(); tag="$mode-$c"
+        for o in $opt1 $opt2; do
+            case "$o" in
+                ab) ab=1 ;;
+                s[0-9]*) interval=(--kv-evict-interval "${o#s}"); tag="$tag-$o" ;;
+                *) echo "kernel run '$run': unknown option '$o' (accepted: ab, sN)" >&2; exit 2 ;;
+            esac
+        done
+        # one process per run: llama-bench restores the depth's KV state from the previous test of the same
+        # process, which would carry another budget's cells (and skip its evictions)
+        if [ $ab = 1 ]; then
             MORPHKV_KV_SCORES=$mode "$bin/llama-bench" -m "$m" -ngl 99 -fa 1 -r 2 -o json --verbose -p 0 -n 128 \
-                -d "${MORPHKV_KERNEL_DEPTHS:-4096,16384}" -kvb $c > "$OUT/ab-$mode-$c.json" 2> "$OUT/ab-$mode-$c.log" \
-                || echo "ab-$mode-$c failed: $?"
-            MORPHKV_KV_SCORES=$mode MORPHKV_EVICT_PROFILE=1 "$bin/llama-bench" -m "$m" -ngl 99 -fa 1 -r 1 -o json \
-                --verbose -p 0 -n 192 -d 4096 -kvb $c > "$OUT/profile-$mode-$c.json" 2> "$OUT/profile-$mode-$c.log" \
-                || echo "profile-$mode-$c failed: $?"
-            grep -h "profile: eviction" "$OUT/profile-$mode-$c.log" | tail -2 | sed 's/.*profile: //'
-            python3 - "$OUT/ab-$mode-$c.json" "$mode" <<'PY'
+                -d "${MORPHKV_KERNEL_DEPTHS:-4096,16384}" -kvb $c "${interval[@]}" > "$OUT/ab-$tag.json" 2> "$OUT/ab-$tag.log" \
+                || echo "ab-$tag failed: $?"
+            python3 - "$OUT/ab-$tag.json" "$tag" <<'PY'
 import json, sys
 for r in json.load(open(sys.argv[1])):
-    print(f"{sys.argv[2]:>8} kvb {r.get('kv_budget')} d {r['n_depth']}: {r['avg_ts']:.1f} t/s")
+    print(f"{sys.argv[2]:>16} d {r['n_depth']}: {r['avg_ts']:.1f} t/s")
 PY
-        done
+        fi
+        MORPHKV_KV_SCORES=$mode MORPHKV_EVICT_PROFILE=1 "$bin/llama-bench" -m "$m" -ngl 99 -fa 1 -r 1 -o json \
+            --verbose -p 0 -n 192 -d 4096 -kvb $c "${interval[@]}" > "$OUT/profile-$tag.json" 2> "$OUT/profile-$tag.log" \
+            || echo "profile-$tag failed: $?"
+        grep -h "profile: eviction" "$OUT/profile-$tag.log" | tail -2 | sed "s/.*profile: /$tag: /"
     done
     cd "$OUT" && tar -czf kernel.tgz --remove-files ./*.txt ./*.json ./*.log
     ;;

@@ -198,6 +198,26 @@ def test_native_selection_matches_the_numpy_reference(model_path, fusion, granul
                      lambda snap: _check_against_reference(llm, snap, budget, window, granularity, n_head_kv, scores))
 
 
+def test_large_cache_selection_matches_the_numpy_reference(model_path):
+    """A budget whose per-head position tables (layers x KV heads x C >= 65536 entries) are rewritten on
+    several threads after each eviction (patch 0015): every head's kept cells and their original
+    positions still match the reference, over two consecutive evictions."""
+    from morphkv_gguf import policies
+
+    budget, window, interval = 768, 8, 16
+    llm = _llm(model_path, kv_budget=budget, kv_window=window, kv_evict_interval=interval)
+    n_head, n_head_kv = _heads(llm)
+    assert llm.kv_budget_info()["n_layer"] * n_head_kv * budget >= 65536
+
+    def scores(st, classes):
+        q = st["queries"].reshape(window, n_head, -1)
+        k = st["keys"].reshape(-1, n_head_kv, q.shape[-1])
+        return policies.layer_scores(q, k, classes.evictable, "sum", "sum")
+
+    _check_evictions(llm, budget, interval, 2,
+                     lambda snap: _check_against_reference(llm, snap, budget, window, "head", n_head_kv, scores))
+
+
 @pytest.mark.parametrize("granularity", ["head", "token"])
 def test_h2o_selection_and_carried_scores_match_the_numpy_reference(model_path, granularity):
     """H2O: accumulated attention of every query since the last eviction (causal), plus what the kept
