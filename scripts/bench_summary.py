@@ -38,15 +38,17 @@ def kv_mib(run: Path, name: str) -> float | None:
     return max(sizes) if sizes else None
 
 
-def evictions(run: Path, name: str) -> tuple[int, float, float, float] | None:
-    """(count, mean, median, max) ms of the evictions the process logged (llama-bench --verbose)."""
+def evictions(run: Path, name: str) -> dict[str, tuple[int, float, float, float]]:
+    """{"N -> C": (count, min, median, max) ms} of the evictions the process logged (llama-bench --verbose).
+    An eviction between two ubatches of a depth's prompt starts while the GPU still runs the previous one,
+    so its time includes that wait; the minimum of a group is close to the eviction alone."""
     path = run / f"{name}.log"
     if not path.exists():
-        return None
-    ms = sorted(float(m) for m in re.findall(r"eviction \d+: \d+ -> \d+ cells .*?, ([0-9.]+) ms", path.read_text()))
-    if not ms:
-        return None
-    return len(ms), sum(ms) / len(ms), ms[len(ms) // 2], ms[-1]
+        return {}
+    groups: dict[str, list[float]] = {}
+    for n_from, n_to, ms in re.findall(r"eviction \d+: (\d+) -> (\d+) cells .*?, ([0-9.]+) ms", path.read_text()):
+        groups.setdefault(f"{n_from} -> {n_to}", []).append(float(ms))
+    return {k: (len(v), min(v), sorted(v)[len(v) // 2], max(v)) for k, v in sorted(groups.items())}
 
 
 def main() -> None:
@@ -80,10 +82,10 @@ def main() -> None:
                          f"{peak_mib(args.run, f'{shape}-{c}-tg') or '-'} |")
         ev = {c: evictions(args.run, f"{shape}-{c}-tg") for c in configs[2:]}
         if any(ev.values()):
-            lines += ["", "| process | evictions | mean ms | median ms | max ms |", "|---|---|---|---|---|"]
-            for c, e in ev.items():
-                if e:
-                    lines.append(f"| {c} (tg) | {e[0]} | {e[1]:.1f} | {e[2]:.1f} | {e[3]:.1f} |")
+            lines += ["", "| process | evictions (cells) | count | min ms | median ms | max ms |", "|---|---|---|---|---|---|"]
+            for c, by_kind in ev.items():
+                for kind, e in by_kind.items():
+                    lines.append(f"| {c} (tg) | {kind} | {e[0]} | {e[1]:.1f} | {e[2]:.1f} | {e[3]:.1f} |")
         pp = {name: load(args.run, f"{shape}-{name}-pp") for name in ("stock", "kvb2048")}
         if any(pp.values()):
             lines += ["", "| prefill | tokens | tokens/s | KV buffer (MiB) | peak GPU memory (MiB) |", "|---|---|---|---|---|"]

@@ -7,7 +7,8 @@
 #                one stopped)
 #   phase test:  carry .gpu/model.part.01 .gpu/llama_cpp_py.tar.xz; the native-vs-NumPy-reference
 #                eviction tests (tests/test_kv_budget.py) with the default model on the GPU (CUDA libllama)
-#   phase run:   llama-bench per tree and budget (one process each, GPU memory sampled), JSON into $OUT
+#   phase run:   llama-bench per tree and budget (one process each, GPU memory sampled): JSON, logs and
+#                memory samples into $OUT/run.tgz (unpack it for scripts/bench_summary.py)
 #   phase kernel: the fused scoring op on the GPU (test-backend-ops -o KV_SCORES, test-kv-scores and its
 #                perf, each with the logits stored between the passes and with GGML_CUDA_KV_SCORES_RECOMPUTE=1),
 #                then on the 8B shape, per MORPHKV_KERNEL_RUNS entry mode:budget[:ab][:sN], a llama-bench run
@@ -22,7 +23,7 @@
 # MORPHKV_KERNEL_RUNS ("fused:1024 fused:2048:ab fused:4096 composed:2048:ab fused:2048:ab:s128"), MORPHKV_KERNEL_DEPTHS
 # ("4096,16384"), MORPHKV_KERNEL_PERF (1: test-kv-scores perf) (kernel); MORPHKV_EVAL_JOBS,
 # MORPHKV_EVAL_POLICIES (eval).
-# Prepare here: scripts/gpu_bench_prepare.sh. Summarise there: scripts/bench_summary.py $OUT
+# Prepare here: scripts/gpu_bench_prepare.sh. Summarise here: unpack run.tgz into DIR, scripts/bench_summary.py DIR
 set -euo pipefail
 work=/tmp/mkvbench
 mkdir -p "$work"
@@ -106,9 +107,13 @@ run)
         local t0=$SECONDS
         "$work/build-$tree/bin/llama-bench" -m "$model" -ngl 99 -fa 1 -r 2 -o json --verbose "$@" \
             > "$OUT/$name.json" 2> "$OUT/$name.log" || echo "$name failed: $?" | tee -a "$OUT/failures.txt"
-        kill $smi; wait $smi 2>/dev/null || true
+        kill $smi 2>/dev/null || true; wait $smi 2>/dev/null || true
         echo "$name: $((SECONDS - t0)) s, peak $(sort -n "$OUT/$name.mem" | tail -1) MiB, $(grep -m1 -o 'KV buffer size = *[0-9.]* MiB' "$OUT/$name.log" || echo 'KV ?')" | tee -a "$OUT/summary.txt"
+        # at most 8 files come back from the GPU machine: every process's JSON, log and memory samples go
+        # into one archive, re-written after each process so that a run cut short still returns its part
+        mkdir -p "$work/run" && mv "$OUT/$name".* "$work/run/" && tar -C "$work/run" -czf "$OUT/run.tgz" .
     }
+    rm -rf "$work/run"
     for s in $shapes; do
         m="$work/${s/:/-}.gguf"
         if [ "${s#*:}" != "$s" ]; then  # quantized weights: stock and the headline budget only
