@@ -25,7 +25,7 @@
 # MORPHKV_EVAL_POLICIES (eval).
 # Prepare here: scripts/gpu_bench_prepare.sh. Summarise here: unpack run.tgz into DIR, scripts/bench_summary.py DIR
 set -euo pipefail
-work=/tmp/mkvbench
+work="${MORPHKV_BENCH_WORK:-/tmp/mkvbench}"  # builds, models and scratch on the GPU machine
 mkdir -p "$work"
 shapes="${MORPHKV_BENCH_SHAPES:-llama-3.2-1b llama-3.1-8b llama-3.1-8b:q4_0}"
 depths="${MORPHKV_BENCH_DEPTHS:-0,4096,16384,65536,131072}"

@@ -1,0 +1,59 @@
+"""scripts/gpu_bench.sh's run phase with stand-ins for llama-bench and nvidia-smi: every process's files
+come back packed in one archive (the GPU machine returns at most 8 files per call)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAKE_BENCH = """#!/bin/sh
+echo '[{"n_depth": 0, "avg_ts": 1.0, "stddev_ts": 0.1}]'
+echo 'llama_kv_cache:      CUDA0 KV buffer size =    32.00 MiB' >&2
+"""
+FAKE_SMI = """#!/bin/sh
+echo 100
+case "$*" in *-lms*) exec sleep 30 ;; esac  # sampling runs until killed, a query returns
+"""
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_run_phase_packs_every_process_into_one_archive(tmp_path):
+    work, out, bin_dir = tmp_path / "work", tmp_path / "out", tmp_path / "bin"
+    for tree in ("stock", "patched"):
+        exe = work / f"build-{tree}" / "bin" / "llama-bench"
+        exe.parent.mkdir(parents=True)
+        exe.write_text(FAKE_BENCH)
+        exe.chmod(0o755)
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text(FAKE_SMI)
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    out.mkdir()
+    env = dict(os.environ, OUT=str(out), MORPHKV_BENCH_WORK=str(work), PATH=f"{bin_dir}:{os.environ['PATH']}",
+               MORPHKV_BENCH_SHAPES="llama-3.2-1b llama-3.1-8b:q4_0", MORPHKV_BENCH_BUDGETS="1024 2048")
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_bench.sh"), "run"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+    assert sorted(p.name for p in out.iterdir()) == ["gpu.txt", "run.tgz", "summary.txt"]
+    with tarfile.open(out / "run.tgz") as tar:
+        names = {Path(n).name for n in tar.getnames() if n != "."}
+    expected = {"llama-3.2-1b-stock-tg", "llama-3.2-1b-patched-tg", "llama-3.2-1b-kvb1024-tg", "llama-3.2-1b-kvb2048-tg",
+                "llama-3.2-1b-stock-pp", "llama-3.2-1b-kvb2048-pp",
+                # quantized weights: stock and the headline budget only
+                "llama-3.1-8b-q4_0-stock-tg", "llama-3.1-8b-q4_0-kvb2048-tg"}
+    assert names == {f"{p}.{ext}" for p in expected for ext in ("json", "log", "mem")}
+    assert "KV buffer size =    32.00 MiB" in (out / "summary.txt").read_text()
+
+
+def test_unknown_phase_is_refused(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_bench.sh"), "sweep"], capture_output=True, text=True,
+                          env=dict(os.environ, OUT=str(tmp_path), MORPHKV_BENCH_WORK=str(tmp_path / "work")), timeout=30)
+    assert proc.returncode == 2
+    assert "unknown phase 'sweep' (accepted: build, test, eval, kernel, run)" in proc.stderr
