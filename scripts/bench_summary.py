@@ -83,9 +83,9 @@ def main() -> None:
         ev = {c: evictions(args.run, f"{shape}-{c}-tg") for c in configs[2:]}
         if any(ev.values()):
             lines += ["", "| process | evictions (cells) | count | min ms | median ms | max ms |", "|---|---|---|---|---|---|"]
-            for c, by_kind in ev.items():
-                for kind, e in by_kind.items():
-                    lines.append(f"| {c} (tg) | {kind} | {e[0]} | {e[1]:.1f} | {e[2]:.1f} | {e[3]:.1f} |")
+            for c, groups in ev.items():
+                for cells, (n, lo, mid, hi) in groups.items():
+                    lines.append(f"| {c} (tg) | {cells} | {n} | {lo:.1f} | {mid:.1f} | {hi:.1f} |")
         pp = {name: load(args.run, f"{shape}-{name}-pp") for name in ("stock", "kvb2048")}
         if any(pp.values()):
             lines += ["", "| prefill | tokens | tokens/s | KV buffer (MiB) | peak GPU memory (MiB) |", "|---|---|---|---|---|"]

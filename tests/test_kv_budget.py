@@ -177,22 +177,29 @@ def _heads(llm: Llama) -> tuple[int, int]:
     return int(meta["llama.attention.head_count"]), int(meta["llama.attention.head_count_kv"])
 
 
+def _morphkv_reference(window: int, n_head: int, n_head_kv: int, fusion: str = "sum", group_reduce: str = "sum"):
+    """The NumPy MorphKV scores of a snapshotted layer (``layer_scores_fn`` of _check_against_reference)."""
+    from morphkv_gguf import policies
+
+    def scores(st, classes):
+        q = st["queries"].reshape(window, n_head, -1)
+        k = st["keys"].reshape(-1, n_head_kv, q.shape[-1])
+        return policies.layer_scores(q, k, classes.evictable, fusion, group_reduce)
+
+    return scores
+
+
 @pytest.mark.parametrize("fusion, granularity", [("sum", "head"), ("max", "head"), ("sum", "token"), ("max", "token")])
 def test_native_selection_matches_the_numpy_reference(model_path, fusion, granularity):
     """Snapshot the next eviction's inputs, let it run, and compare what every head kept with
     morphkv_gguf.policies on the same queries and keys. Cells whose reference score lies within a
     small tolerance of the cut may swap (F16 keys, F32 vs F64 arithmetic): that is the only slack."""
-    from morphkv_gguf import policies
 
     budget, window, interval = 64, 8, 16
     llm = _llm(model_path, kv_budget=budget, kv_window=window, kv_evict_interval=interval,
                kv_fusion=fusion, kv_group_reduce=fusion, kv_granularity=granularity)
     n_head, n_head_kv = _heads(llm)
-
-    def scores(st, classes):
-        q = st["queries"].reshape(window, n_head, -1)
-        k = st["keys"].reshape(-1, n_head_kv, q.shape[-1])
-        return policies.layer_scores(q, k, classes.evictable, fusion, fusion)
+    scores = _morphkv_reference(window, n_head, n_head_kv, fusion, fusion)
 
     _check_evictions(llm, budget, interval, 2,
                      lambda snap: _check_against_reference(llm, snap, budget, window, granularity, n_head_kv, scores))
@@ -202,17 +209,12 @@ def test_large_cache_selection_matches_the_numpy_reference(model_path):
     """A budget whose per-head position tables (layers x KV heads x C >= 65536 entries) are rewritten on
     several threads after each eviction (patch 0015): every head's kept cells and their original
     positions still match the reference, over two consecutive evictions."""
-    from morphkv_gguf import policies
 
     budget, window, interval = 768, 8, 16
     llm = _llm(model_path, kv_budget=budget, kv_window=window, kv_evict_interval=interval)
     n_head, n_head_kv = _heads(llm)
     assert llm.kv_budget_info()["n_layer"] * n_head_kv * budget >= 65536
-
-    def scores(st, classes):
-        q = st["queries"].reshape(window, n_head, -1)
-        k = st["keys"].reshape(-1, n_head_kv, q.shape[-1])
-        return policies.layer_scores(q, k, classes.evictable, "sum", "sum")
+    scores = _morphkv_reference(window, n_head, n_head_kv)
 
     _check_evictions(llm, budget, interval, 2,
                      lambda snap: _check_against_reference(llm, snap, budget, window, "head", n_head_kv, scores))
@@ -360,18 +362,13 @@ def test_q8_0_cache_keeps_memory_constant_and_matches_the_reference(model_path):
     """Q8_0 K/V: the eviction gathers quantized rows; what it keeps follows the reference on the
     dequantized keys."""
     import llama_cpp
-    from morphkv_gguf import policies
 
     budget, window, interval = 64, 8, 16
     llm = _llm(model_path, kv_budget=budget, kv_window=window, kv_evict_interval=interval,
                type_k=llama_cpp.GGML_TYPE_Q8_0, type_v=llama_cpp.GGML_TYPE_Q8_0)
     n_head, n_head_kv = _heads(llm)
     start = llm.kv_budget_info()
-
-    def scores(st, classes):
-        q = st["queries"].reshape(window, n_head, -1)
-        k = st["keys"].reshape(-1, n_head_kv, q.shape[-1])
-        return policies.layer_scores(q, k, classes.evictable)
+    scores = _morphkv_reference(window, n_head, n_head_kv)
 
     # the composed graph multiplies Q8_0 keys with queries quantized to Q8_0 too: ~1 % score noise
     _check_evictions(llm, budget, interval, 2,
