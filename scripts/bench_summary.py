@@ -55,15 +55,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
     ap.add_argument("--out", type=Path, default=Path("results/h100-bench"))
-    ap.add_argument("--title", default="H100, llama-bench -p 0 -n 64 -fa 1 -ngl 99 -r 2, F16 synthetic weights")
+    ap.add_argument("--title", default=None,
+                    help="default: the GPU named in RUN_DIR/gpu.txt, then the llama-bench arguments")
     args = ap.parse_args()
+    if args.title is None:
+        gpu = args.run / "gpu.txt"
+        name = gpu.read_text().split(",")[0].strip() if gpu.exists() and gpu.read_text().strip() else "GPU"
+        args.title = f"{name}, llama-bench -p 0 -n 64 -fa 1 -ngl 99 -r 2, synthetic weights"
 
     shapes = sorted({p.name.split("-stock-tg")[0] for p in args.run.glob("*-stock-tg.json")})
     lines = [f"# {args.title}", ""]
     plot_data = {}
     for shape in shapes:
+        # kvbN: the patched tree with kv_budget=N; prev-kvbN: the same with the tree before the newest patches
+        # (gpu_bench.sh's "prev" build), for a same-machine A/B of those patches
         configs = ["stock", "patched"] + sorted(
-            {p.stem.split("-")[-2] for p in args.run.glob(f"{shape}-kvb*-tg.json")}, key=lambda c: int(c[3:]))
+            {p.stem.split("-")[-2] for p in args.run.glob(f"{shape}-kvb*-tg.json")}, key=lambda c: int(c[3:])) + sorted(
+            {"prev-" + p.stem.split("-")[-2] for p in args.run.glob(f"{shape}-prev-kvb*-tg.json")}, key=lambda c: int(c[8:]))
         tg = {c: {r["n_depth"]: (r["avg_ts"], r["stddev_ts"]) for r in load(args.run, f"{shape}-{c}-tg")} for c in configs}
         depths = sorted(tg["stock"])
         base = tg["stock"].get(0, (float("nan"), 0))[0]

@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# Stock vs patched llama.cpp on the GPU machine (H100): decode speed at depth, long-prompt prefill,
+# Stock vs patched llama.cpp on the GPU machine (H100/H200): decode speed at depth, long-prompt prefill,
 # KV buffer and peak GPU memory, on synthetic GGUFs in real shapes (morphkv gguf synth).
-#   phase build: carry .gpu/llama-stock.tar.xz .gpu/llama-patched.tar.xz (+ gguf-py inside them) and
-#                .gpu/model.part.00; builds llama-bench for sm_90 from both trees in parallel and writes
-#                the synthetic models into /tmp (resumable: a second `build` continues where a cut-off
-#                one stopped)
-#   phase test:  carry .gpu/model.part.01 .gpu/llama_cpp_py.tar.xz; the native-vs-NumPy-reference
-#                eviction tests (tests/test_kv_budget.py) with the default model on the GPU (CUDA libllama)
+#   phase build: carry .gpu/llama-stock.tar.xz .gpu/llama-patched.tar.xz (+ gguf-py inside them),
+#                .gpu/model.part.00 .gpu/model.part.01 and, if prepared, .gpu/llama-prev-src.tar.xz; builds
+#                llama-bench for sm_90 from both trees in parallel and writes the synthetic models into
+#                /tmp (resumable: a second `build` continues where a cut-off one stopped); with the prev
+#                files, then also the "prev" build: those files swapped into the patched build, built,
+#                its bin/ copied to build-prev/bin, the patched files swapped back and rebuilt
+#   phase test:  carry .gpu/model.part.02 .gpu/model.part.03 .gpu/model.sha256 .gpu/llama_cpp_py.tar.xz;
+#                the native-vs-NumPy-reference eviction tests (tests/test_kv_budget.py) with the default
+#                model on the GPU (CUDA libllama)
 #   phase run:   llama-bench per tree and budget (one process each, GPU memory sampled): JSON, logs and
-#                memory samples into $OUT/run.tgz (unpack it for scripts/bench_summary.py)
+#                memory samples into $OUT/run.tgz (unpack it for scripts/bench_summary.py); with a prev build,
+#                also kv_budget=2048 from it for the shapes in MORPHKV_BENCH_PREV_SHAPES ("llama-3.1-8b")
 #   phase kernel: the fused scoring op on the GPU (test-backend-ops -o KV_SCORES, test-kv-scores and its
 #                perf, each with the logits stored between the passes and with GGML_CUDA_KV_SCORES_RECOMPUTE=1),
 #                then on the 8B shape, per MORPHKV_KERNEL_RUNS entry mode:budget[:ab][:sN], a llama-bench run
 #                with MORPHKV_EVICT_PROFILE=1 (scoring / top-k / gather / host rewrite of every eviction) and,
-#                with :ab, decode speed at MORPHKV_KERNEL_DEPTHS; :sN sets the eviction interval to N
+#                with :ab, decode speed at MORPHKV_KERNEL_DEPTHS; :sN sets the eviction interval to N; :prev
+#                runs the prev build
 #   phase eval:  carry .gpu/model.part.01 .gpu/llama_cpp_py.tar.xz; `morphkv eval` on the GPU (CUDA
 #                libllama), MORPHKV_EVAL_JOBS prompts at a time; eval.json etc. into $OUT/eval.tgz
 # MORPHKV_BENCH_TREES="patched" builds (and later runs) only the patched tree; the patched tree also
@@ -44,7 +49,7 @@ configure() {  # tree
 
 case "${1:?usage: gpu_bench.sh build|test|run}" in
 build)
-    [ -f .gpu/model.part.00 ] && cp .gpu/model.part.00 "$work/"
+    for p in .gpu/model.part.*; do [ -f "$p" ] && cp "$p" "$work/"; done
     for t in $trees; do configure "$t"; done
     # the synthetic models are written while the two trees compile (8 jobs each)
     ( export PYTHONPATH="$work/src-patched/gguf-py:$PWD"
@@ -66,9 +71,32 @@ build)
     for t in $trees; do tail -1 "$OUT/build-$t.log"; done
     tail -1 "$OUT/synth.log"
     ls -la "$work"/*.gguf
+    if [ -f .gpu/llama-prev-src.tar.xz ] && [ -f "$work/build-patched/build.ninja" ] && [ ! -x "$work/build-prev/bin/llama-bench" ]; then
+        # only the files the newest patches change differ: built in the patched build dir (a few objects),
+        # the binaries and libraries copied (llama-bench's RUNPATH yields to LD_LIBRARY_PATH), then swapped back
+        swap="$work/prev-swap" src="$work/src-patched"
+        rm -rf "$swap" && mkdir -p "$swap/old" "$swap/new"
+        tar -xJf .gpu/llama-prev-src.tar.xz -C "$swap/old" --strip-components=2
+        (cd "$swap/old" && find . -type f | sed 's|^\./||') > "$swap/files"
+        # the patched versions from the carried archive, not from the tree (a cut-off swap leaves it half old)
+        tar -xJf .gpu/llama-patched.tar.xz -C "$swap/new" $(cat "$swap/files")
+        while read -r f; do cp "$swap/old/$f" "$src/$f"; done < "$swap/files"
+        cmake --build "$work/build-patched" --target llama-bench -j 16 > "$OUT/build-prev.log" 2>&1 \
+            && mkdir -p "$work/build-prev/bin" && cp -a "$work/build-patched/bin/." "$work/build-prev/bin/"
+        while read -r f; do cp "$swap/new/$f" "$src/$f"; touch "$src/$f"; done < "$swap/files"
+        cmake --build "$work/build-patched" --target llama-bench test-kv-scores ${MORPHKV_BENCH_OPS_TEST-test-backend-ops} -j 16 \
+            >> "$OUT/build-patched.log" 2>&1
+        echo "prev: $(wc -l < "$swap/files") file(s) swapped; $(tail -1 "$OUT/build-prev.log"); patched again: $(tail -1 "$OUT/build-patched.log")"
+    fi
     ;;
 test|eval)
-    [ -f "$work/model.gguf" ] || cat "$work/model.part.00" .gpu/model.part.01 > "$work/model.gguf"
+    for p in .gpu/model.part.*; do [ -f "$p" ] && cp "$p" "$work/"; done
+    [ -f "$work/model.gguf" ] || cat "$work"/model.part.* > "$work/model.gguf"
+    if [ -f .gpu/model.sha256 ] && [ "$(sha256sum < "$work/model.gguf" | cut -d' ' -f1)" != "$(cat .gpu/model.sha256)" ]; then
+        echo "the default model's pieces do not add up (carried: $(ls .gpu/model.part.* 2>/dev/null | xargs -n1 basename | tr '\n' ' ')); staged: $(ls "$work"/model.part.* | xargs -n1 basename | tr '\n' ' ')" >&2
+        rm -f "$work/model.gguf"
+        exit 1
+    fi
     mkdir -p "$work/py" "$work/stub" && tar -xJf .gpu/llama_cpp_py.tar.xz -C "$work/py"
     echo "class Cache: pass" > "$work/stub/diskcache.py"
     export PYTHONPATH="$work/py:$work/stub:$PWD" LLAMA_CPP_LIB_PATH="$work/build-patched/bin"
@@ -105,7 +133,8 @@ run)
         nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/$name.mem" &
         local smi=$!
         local t0=$SECONDS
-        "$work/build-$tree/bin/llama-bench" -m "$model" -ngl 99 -fa 1 -r 2 -o json --verbose "$@" \
+        LD_LIBRARY_PATH="$work/build-$tree/bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+            "$work/build-$tree/bin/llama-bench" -m "$model" -ngl 99 -fa 1 -r 2 -o json --verbose "$@" \
             > "$OUT/$name.json" 2> "$OUT/$name.log" || echo "$name failed: $?" | tee -a "$OUT/failures.txt"
         kill $smi 2>/dev/null || true; wait $smi 2>/dev/null || true
         echo "$name: $((SECONDS - t0)) s, peak $(sort -n "$OUT/$name.mem" | tail -1) MiB, $(grep -m1 -o 'KV buffer size = *[0-9.]* MiB' "$OUT/$name.log" || echo 'KV ?')" | tee -a "$OUT/summary.txt"
@@ -127,6 +156,9 @@ run)
         for c in $budgets; do
             bench "$s-kvb$c-tg" patched "$m" -p 0 -n 64 -d "$depths" -kvb "$c"
         done
+        if [ -x "$work/build-prev/bin/llama-bench" ] && [[ " ${MORPHKV_BENCH_PREV_SHAPES:-llama-3.1-8b} " == *" $s "* ]]; then
+            bench "$s-prev-kvb2048-tg" prev "$m" -p 0 -n 64 -d "$depths" -kvb 2048
+        fi
         bench "$s-stock-pp" stock "$m" -p "$prefill" -n 0 -r 1
         bench "$s-kvb2048-pp" patched "$m" -p "$prefill" -n 0 -r 1 -kvb 2048
     done
@@ -152,15 +184,17 @@ kernel)
     unset GGML_CUDA_KV_SCORES_RECOMPUTE
     m="$work/llama-3.1-8b.gguf"
     for run in ${MORPHKV_KERNEL_RUNS:-fused:1024 fused:2048:ab fused:4096 composed:2048:ab fused:2048:ab:s128}; do
-        IFS=: read -r mode c opt1 opt2 <<< "$run"
-        ab=0; interval=(); tag="$mode-$c"
-        for o in $opt1 $opt2; do
+        IFS=: read -r mode c opt1 opt2 opt3 <<< "$run"
+        ab=0; interval=(); tag="$mode-$c"; bin="$work/build-patched/bin"
+        for o in $opt1 $opt2 $opt3; do
             case "$o" in
                 ab) ab=1 ;;
                 s[0-9]*) interval=(--kv-evict-interval "${o#s}"); tag="$tag-$o" ;;
-                *) echo "kernel run '$run': unknown option '$o' (accepted: ab, sN)" >&2; exit 2 ;;
+                prev) bin="$work/build-prev/bin"; tag="$tag-prev" ;;
+                *) echo "kernel run '$run': unknown option '$o' (accepted: ab, sN, prev)" >&2; exit 2 ;;
             esac
         done
+        export LD_LIBRARY_PATH="$bin"
         # one process per run: llama-bench restores the depth's KV state from the previous test of the same
         # process, which would carry another budget's cells (and skip its evictions)
         if [ $ab = 1 ]; then

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Pack what scripts/gpu_bench.sh needs on the GPU machine into .gpu/ (git-excluded): the patched and
 # the stock llama.cpp trees, only the parts a CUDA build of llama-bench reads, plus gguf-py for
-# `morphkv gguf synth` (the GPU machine has no gguf package).
+# `morphkv gguf synth` (the GPU machine has no gguf package), the Python bindings and the default model.
+# MORPHKV_PREV=NNNN (e.g. 0017) adds the files for a "prev" build: the patched tree as it was after patch NNNN.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 mkdir -p "$root/.gpu"
@@ -19,5 +20,21 @@ pack "$root/vendor/stock/vendor/llama.cpp" "$root/.gpu/llama-stock.tar.xz"
 # the Python side of the patched bindings (no native library) and the default model in two pieces
 tar -C "$root/vendor/llama-cpp-python" -cJf "$root/.gpu/llama_cpp_py.tar.xz" --exclude='llama_cpp/lib' --exclude='__pycache__' llama_cpp
 model="$("$root/.venv/bin/python" -c 'from morphkv_gguf.models import default_model_path; print(default_model_path())')"
-split -b 50m -d "$model" "$root/.gpu/model.part."
+# four pieces: two travel with the build call, two with the test call (at most 64 MiB travel per call)
+rm -f "$root/.gpu"/model.part.* "$root/.gpu/llama-prev-src.tar.xz"
+split -n 4 -d "$model" "$root/.gpu/model.part."
+sha256sum < "$model" | cut -d' ' -f1 > "$root/.gpu/model.sha256"
+# MORPHKV_PREV=NNNN: also the files that the patches after NNNN change, as they were after patch NNNN;
+# gpu_bench.sh build makes a "prev" build of them for a same-machine A/B of the newer patches
+if [ -n "${MORPHKV_PREV:-}" ]; then
+    vrepo="$root/vendor/llama-cpp-python"
+    rev="$(git -C "$vrepo" log --format=%H -n1 --grep="^${MORPHKV_PREV}-")"
+    [ -n "$rev" ] || { echo "MORPHKV_PREV=$MORPHKV_PREV: no applied patch of that number in $vrepo" >&2; exit 2; }
+    files="$(git -C "$vrepo" diff --name-only "$rev" HEAD -- vendor/llama.cpp)"
+    for f in $files; do
+        git -C "$vrepo" cat-file -e "$rev:$f" 2>/dev/null || { echo "MORPHKV_PREV: $f is new after $MORPHKV_PREV (not supported)" >&2; exit 2; }
+    done
+    git -C "$vrepo" archive --format=tar "$rev" $files | xz > "$root/.gpu/llama-prev-src.tar.xz"
+    echo "prev (after patch $MORPHKV_PREV): $(echo $files | wc -w) file(s): $files"
+fi
 ls -la "$root/.gpu"

@@ -27,6 +27,7 @@ def test_table_ratios_memory_and_eviction_groups(tmp_path, monkeypatch):
     _tg(run / "m-stock-tg.json", {0: 100.0, 4096: 80.0})
     _tg(run / "m-patched-tg.json", {0: 99.0, 4096: 84.0})
     _tg(run / "m-kvb2048-tg.json", {0: 100.0, 4096: 96.0})
+    _tg(run / "m-prev-kvb2048-tg.json", {0: 100.0, 4096: 94.0})  # the build before the newest patches
     (run / "m-stock-tg.log").write_text("llama_kv_cache:      CUDA0 KV buffer size =    32.00 MiB\n"
                                         "llama_kv_cache:      CUDA0 KV buffer size =  2048.00 MiB\n")
     (run / "m-stock-tg.mem").write_text("100\n3000\n250\n")
@@ -40,7 +41,8 @@ def test_table_ratios_memory_and_eviction_groups(tmp_path, monkeypatch):
     _load_summary().main()
 
     table = (out / "table.md").read_text()
-    assert "| 4096 | 80.0 ± 0.5 | 84.0 ± 0.5 | 96.0 ± 0.5 | 0.960 | 1.050 |" in table
+    assert "| depth | stock | patched | kvb2048 | prev-kvb2048 | kvb2048 / stock d0 | prev-kvb2048 / stock d0 |" in table
+    assert "| 4096 | 80.0 ± 0.5 | 84.0 ± 0.5 | 96.0 ± 0.5 | 94.0 ± 0.5 | 0.960 | 0.940 | 1.050 |" in table
     assert "| stock (tg, depths up to 4096) | 2048.0 | 3000 |" in table
     # evictions grouped by size: count, min, median, max
     assert "| kvb2048 (tg) | 2112 -> 2048 | 1 | 8.5 | 8.5 | 8.5 |" in table

@@ -52,6 +52,33 @@ def test_run_phase_packs_every_process_into_one_archive(tmp_path):
     assert "KV buffer size =    32.00 MiB" in (out / "summary.txt").read_text()
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_run_phase_measures_the_prev_build_with_its_own_libraries(tmp_path):
+    """With a "prev" build (the patched tree before its newest patches), the 8B shape also gets kv_budget=2048
+    from it, its llama-bench loading the libraries beside it (LD_LIBRARY_PATH before the RUNPATH)."""
+    work, out, bin_dir = tmp_path / "work", tmp_path / "out", tmp_path / "bin"
+    for tree in ("stock", "patched", "prev"):
+        exe = work / f"build-{tree}" / "bin" / "llama-bench"
+        exe.parent.mkdir(parents=True)
+        exe.write_text(FAKE_BENCH + 'echo "libs: ${LD_LIBRARY_PATH%%:*}" >&2\n')
+        exe.chmod(0o755)
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text(FAKE_SMI)
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    out.mkdir()
+    env = dict(os.environ, OUT=str(out), MORPHKV_BENCH_WORK=str(work), PATH=f"{bin_dir}:{os.environ['PATH']}",
+               MORPHKV_BENCH_SHAPES="llama-3.2-1b llama-3.1-8b", MORPHKV_BENCH_BUDGETS="2048")
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_bench.sh"), "run"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    with tarfile.open(out / "run.tgz") as tar:
+        names = {Path(n).name for n in tar.getnames() if n != "."}
+        log = tar.extractfile("./llama-3.1-8b-prev-kvb2048-tg.log").read().decode()
+    assert "llama-3.1-8b-prev-kvb2048-tg.json" in names
+    assert not any(n.startswith("llama-3.2-1b-prev") for n in names)  # MORPHKV_BENCH_PREV_SHAPES: the 8B shape
+    assert f"libs: {work / 'build-prev' / 'bin'}" in log
+
+
 def test_unknown_phase_is_refused(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_bench.sh"), "sweep"], capture_output=True, text=True,
                           env=dict(os.environ, OUT=str(tmp_path), MORPHKV_BENCH_WORK=str(tmp_path / "work")), timeout=30)
