@@ -92,56 +92,11 @@ def _with_protection(scores: np.ndarray, classes: CellClasses) -> np.ndarray:
 def select_per_head(scores: npt.ArrayLike, classes: CellClasses, budget: int) -> np.ndarray:
     """Head granularity: for each KV head, the ``budget`` cells kept, best first ([n_head_kv, budget]).
 
-    The protected cells come first, newest first, identically in every head (every head keeps them);
-    where the kept tokens end up is ``compose_cells``.
+    The protected cells come first, newest first, identically in every head; they and the
+    evictable cells after them become cells 0..budget-1 of that head after the eviction.
     """
     s = _with_protection(np.asarray(scores, dtype=np.float64), classes)
     return np.argsort(-s, axis=-1, kind="stable")[:, :budget]
-
-
-def compose_cells(kept_rows: list[npt.ArrayLike], used: npt.ArrayLike,
-                  protected: npt.ArrayLike) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Head granularity: where the kept tokens go, as the native eviction places them.
-
-    ``kept_rows``: for every (layer, KV head) row, the ``budget`` cells it keeps; ``used`` and
-    ``protected``: bool [n_cells] before the eviction. A cell is used or free for all rows at once, so
-    ``used.sum() - budget`` cells are freed: unprotected ones, those the fewest rows keep first (ties:
-    the higher cell). In each row the kept tokens of the freed cells move, ascending, into the cells of
-    the row's dropped tokens outside them ("holes", ascending); every other kept token stays.
-
-    Returns (freed cells, ascending; per row, the cell each cell holds after the eviction: int
-    [n_cells], -1 for a free cell).
-    """
-    used = np.asarray(used, dtype=bool)
-    protected = np.asarray(protected, dtype=bool)
-    n_cells = len(used)
-    kept_masks = []
-    n_kept = np.zeros(n_cells, dtype=np.int64)
-    for row in kept_rows:
-        mask = np.zeros(n_cells, dtype=bool)
-        mask[np.asarray(row, dtype=np.int64)] = True
-        kept_masks.append(mask)
-        n_kept += mask
-    budget = int(kept_masks[0].sum()) if kept_masks else 0
-    n_free = int(used.sum()) - budget
-    cand = np.flatnonzero(used & ~protected)
-    if n_free > len(cand):
-        raise ValueError(f"{n_free} cells must be freed but only {len(cand)} are unprotected")
-    # ascending by (rows keeping the cell, -cell)
-    order = np.lexsort((-cand, n_kept[cand]))
-    freed = np.zeros(n_cells, dtype=bool)
-    freed[cand[order[:n_free]]] = True
-    layouts = []
-    for mask in kept_masks:
-        if (protected & ~mask).any():
-            raise ValueError("a row drops a protected cell")
-        layout = np.where(used & ~freed, np.arange(n_cells), -1)
-        sources = np.flatnonzero(freed & mask)
-        holes = np.flatnonzero(used & ~freed & ~mask)
-        assert len(sources) == len(holes)
-        layout[holes] = sources
-        layouts.append(layout)
-    return np.flatnonzero(freed), layouts
 
 
 def select_tokens(layer_scores_list: list[np.ndarray], classes: CellClasses, budget: int) -> np.ndarray:
@@ -237,9 +192,8 @@ def h2o_scores(q_ring: npt.ArrayLike, keys: npt.ArrayLike, positions: npt.ArrayL
 def h2o_carry(scores: npt.ArrayLike, kept: npt.ArrayLike) -> np.ndarray:
     """The accumulated scores the kept cells take into the next eviction ([n_head_kv, budget]).
 
-    kept: [n_head_kv, budget] cells per head (from select_per_head; where each lands: compose_cells),
-    or [budget] cells from select_tokens (the cells stay where they are; each head keeps its score);
-    the result is in the order of ``kept``."""
+    kept: [n_head_kv, budget] from select_per_head (cell r of head h after the eviction holds kept[h, r])
+    or [budget] cells from select_tokens (the cells stay where they are; each head keeps its score)."""
     s = np.asarray(scores, dtype=np.float64)
     kept = np.asarray(kept, dtype=np.int64)
     if kept.ndim == 1:

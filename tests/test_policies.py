@@ -83,34 +83,3 @@ def test_token_selection_sums_heads_and_layers():
 def test_unknown_fusion_is_rejected():
     with pytest.raises(ValueError, match="accepted: sum, max"):
         policies.layer_scores(np.zeros((1, 1, 2)), np.zeros((2, 1, 2)), np.array([True, True]), fusion="mean")
-
-
-def test_compose_cells_frees_the_least_kept_cells_and_moves_few_rows():
-    # 8 used cells (7: newest, protected), budget 6: two cells are freed for every row
-    used = np.ones(8, dtype=bool)
-    protected = np.zeros(8, dtype=bool)
-    protected[7] = True
-    kept_rows = [[7, 0, 1, 2, 3, 4],   # drops 5, 6
-                 [7, 0, 1, 2, 3, 6],   # drops 4, 5
-                 [7, 1, 2, 3, 5, 6]]   # drops 0, 4
-    freed, layouts = policies.compose_cells(kept_rows, used, protected)
-    # cell 5 is kept by one row, 4 by one (ties: the higher cell first), 0 and 6 by two
-    assert freed.tolist() == [4, 5]
-    # row 0 keeps 4 (freed): it moves into 6, the row's dropped cell outside the freed ones
-    assert layouts[0].tolist() == [0, 1, 2, 3, -1, -1, 4, 7]
-    # row 1 keeps neither freed cell: nothing moves
-    assert layouts[1].tolist() == [0, 1, 2, 3, -1, -1, 6, 7]
-    # row 2 keeps 5 (freed): into 0
-    assert layouts[2].tolist() == [5, 1, 2, 3, -1, -1, 6, 7]
-    for row, layout in zip(kept_rows, layouts):
-        assert sorted(layout[layout >= 0].tolist()) == sorted(row)  # every kept token is somewhere, once
-        assert layout[7] == 7                                       # the protected cell stays
-
-
-def test_compose_cells_never_frees_a_protected_cell():
-    used = np.array([True, True, True, True])
-    protected = np.array([False, False, True, True])
-    with pytest.raises(ValueError, match="drops a protected cell"):
-        policies.compose_cells([[0, 1, 2]], used, protected)
-    freed, _ = policies.compose_cells([[0, 2, 3]], used, protected)
-    assert freed.tolist() == [1]
