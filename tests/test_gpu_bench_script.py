@@ -23,23 +23,30 @@ case "$*" in *-lms*) exec sleep 30 ;; esac  # sampling runs until killed, a quer
 """
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_run_phase_packs_every_process_into_one_archive(tmp_path):
+def _run_phase(tmp_path: Path, trees: tuple[str, ...], bench_script: str, **env_extra: str) -> tuple[Path, Path]:
+    """Run gpu_bench.sh's run phase with ``bench_script`` as every tree's llama-bench; returns (work, out)."""
     work, out, bin_dir = tmp_path / "work", tmp_path / "out", tmp_path / "bin"
-    for tree in ("stock", "patched"):
+    for tree in trees:
         exe = work / f"build-{tree}" / "bin" / "llama-bench"
         exe.parent.mkdir(parents=True)
-        exe.write_text(FAKE_BENCH)
+        exe.write_text(bench_script)
         exe.chmod(0o755)
     bin_dir.mkdir()
     (bin_dir / "nvidia-smi").write_text(FAKE_SMI)
     (bin_dir / "nvidia-smi").chmod(0o755)
     out.mkdir()
     env = dict(os.environ, OUT=str(out), MORPHKV_BENCH_WORK=str(work), PATH=f"{bin_dir}:{os.environ['PATH']}",
-               MORPHKV_BENCH_SHAPES="llama-3.2-1b llama-3.1-8b:q4_0", MORPHKV_BENCH_BUDGETS="1024 2048")
+               **env_extra)
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_bench.sh"), "run"], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    return work, out
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_run_phase_packs_every_process_into_one_archive(tmp_path):
+    _, out = _run_phase(tmp_path, ("stock", "patched"), FAKE_BENCH,
+                        MORPHKV_BENCH_SHAPES="llama-3.2-1b llama-3.1-8b:q4_0", MORPHKV_BENCH_BUDGETS="1024 2048")
 
     assert sorted(p.name for p in out.iterdir()) == ["gpu.txt", "run.tgz", "summary.txt"]
     with tarfile.open(out / "run.tgz") as tar:
@@ -56,21 +63,8 @@ def test_run_phase_packs_every_process_into_one_archive(tmp_path):
 def test_run_phase_measures_the_prev_build_with_its_own_libraries(tmp_path):
     """With a "prev" build (the patched tree before its newest patches), the 8B shape also gets kv_budget=2048
     from it, its llama-bench loading the libraries beside it (LD_LIBRARY_PATH before the RUNPATH)."""
-    work, out, bin_dir = tmp_path / "work", tmp_path / "out", tmp_path / "bin"
-    for tree in ("stock", "patched", "prev"):
-        exe = work / f"build-{tree}" / "bin" / "llama-bench"
-        exe.parent.mkdir(parents=True)
-        exe.write_text(FAKE_BENCH + 'echo "libs: ${LD_LIBRARY_PATH%%:*}" >&2\n')
-        exe.chmod(0o755)
-    bin_dir.mkdir()
-    (bin_dir / "nvidia-smi").write_text(FAKE_SMI)
-    (bin_dir / "nvidia-smi").chmod(0o755)
-    out.mkdir()
-    env = dict(os.environ, OUT=str(out), MORPHKV_BENCH_WORK=str(work), PATH=f"{bin_dir}:{os.environ['PATH']}",
-               MORPHKV_BENCH_SHAPES="llama-3.2-1b llama-3.1-8b", MORPHKV_BENCH_BUDGETS="2048")
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_bench.sh"), "run"], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    work, out = _run_phase(tmp_path, ("stock", "patched", "prev"), FAKE_BENCH + 'echo "libs: ${LD_LIBRARY_PATH%%:*}" >&2\n',
+                           MORPHKV_BENCH_SHAPES="llama-3.2-1b llama-3.1-8b", MORPHKV_BENCH_BUDGETS="2048")
     with tarfile.open(out / "run.tgz") as tar:
         names = {Path(n).name for n in tar.getnames() if n != "."}
         log = tar.extractfile("./llama-3.1-8b-prev-kvb2048-tg.log").read().decode()
