@@ -2,6 +2,7 @@
 """Summarise a scripts/gpu_bench.sh run: Markdown table (stock vs patched, ratios) and a PNG plot.
 
 usage: bench_summary.py RUN_DIR [--out results/h100-bench] [--title TEXT]
+       bench_summary.py --evictions LOG     (the eviction times of one llama-bench --verbose log)
 RUN_DIR holds <shape>-<config>-{tg,pp}.json (llama-bench -o json), .log (its --verbose stderr) and
 .mem (nvidia-smi memory.used samples, MiB) per process.
 """
@@ -42,7 +43,11 @@ def evictions(run: Path, name: str) -> dict[str, tuple[int, float, float, float]
     """{"N -> C": (count, min, median, max) ms} of the evictions the process logged (llama-bench --verbose).
     An eviction between two ubatches of a depth's prompt starts while the GPU still runs the previous one,
     so its time includes that wait; the minimum of a group is close to the eviction alone."""
-    path = run / f"{name}.log"
+    return eviction_groups(run / f"{name}.log")
+
+
+def eviction_groups(path: Path) -> dict[str, tuple[int, float, float, float]]:
+    """eviction times of one llama-bench --verbose log, grouped by "N -> C" cells (see ``evictions``)"""
     if not path.exists():
         return {}
     groups: dict[str, list[float]] = {}
@@ -53,11 +58,19 @@ def evictions(run: Path, name: str) -> dict[str, tuple[int, float, float, float]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", type=Path)
+    ap.add_argument("run", type=Path, nargs="?")
+    ap.add_argument("--evictions", type=Path, metavar="LOG",
+                    help="only print the eviction times of one llama-bench --verbose log, grouped by cells")
     ap.add_argument("--out", type=Path, default=Path("results/h100-bench"))
     ap.add_argument("--title", default=None,
                     help="default: the GPU named in RUN_DIR/gpu.txt, then the llama-bench arguments")
     args = ap.parse_args()
+    if args.evictions:
+        for cells, (n, lo, mid, hi) in eviction_groups(args.evictions).items():
+            print(f"evictions {cells} cells: {n}, min {lo:.1f} ms, median {mid:.1f} ms, max {hi:.1f} ms")
+        return
+    if args.run is None:
+        ap.error("RUN_DIR is needed (or --evictions LOG)")
     if args.title is None:
         gpu = args.run / "gpu.txt"
         name = gpu.read_text().split(",")[0].strip() if gpu.exists() and gpu.read_text().strip() else "GPU"

@@ -17,8 +17,9 @@
 #                perf, each with the logits stored between the passes and with GGML_CUDA_KV_SCORES_RECOMPUTE=1),
 #                then on the 8B shape, per MORPHKV_KERNEL_RUNS entry mode:budget[:ab][:sN], a llama-bench run
 #                with MORPHKV_EVICT_PROFILE=1 (scoring / top-k / gather / host rewrite of every eviction) and,
-#                with :ab, decode speed at MORPHKV_KERNEL_DEPTHS; :sN sets the eviction interval to N; :prev
-#                runs the prev build
+#                with :ab, decode speed at MORPHKV_KERNEL_DEPTHS (and the evictions' times without the profile);
+#                :sN sets the eviction interval to N; :nN generates N tokens in the :ab run (128; a larger N
+#                holds many consecutive decode-time evictions); :prev runs the prev build
 #   phase eval:  carry .gpu/model.part.01 .gpu/llama_cpp_py.tar.xz; `morphkv eval` on the GPU (CUDA
 #                libllama), MORPHKV_EVAL_JOBS prompts at a time; eval.json etc. into $OUT/eval.tgz
 # MORPHKV_BENCH_TREES="patched" builds (and later runs) only the patched tree; the patched tree also
@@ -185,20 +186,21 @@ kernel)
     m="$work/llama-3.1-8b.gguf"
     for run in ${MORPHKV_KERNEL_RUNS:-fused:1024 fused:2048:ab fused:4096 composed:2048:ab fused:2048:ab:s128}; do
         IFS=: read -r mode c opt1 opt2 opt3 <<< "$run"
-        ab=0; interval=(); tag="$mode-$c"; bin="$work/build-patched/bin"
+        ab=0; interval=(); tag="$mode-$c"; bin="$work/build-patched/bin"; n_gen=128
         for o in $opt1 $opt2 $opt3; do
             case "$o" in
                 ab) ab=1 ;;
                 s[0-9]*) interval=(--kv-evict-interval "${o#s}"); tag="$tag-$o" ;;
                 prev) bin="$work/build-prev/bin"; tag="$tag-prev" ;;
-                *) echo "kernel run '$run': unknown option '$o' (accepted: ab, sN, prev)" >&2; exit 2 ;;
+                n[0-9]*) n_gen="${o#n}"; tag="$tag-$o" ;;
+                *) echo "kernel run '$run': unknown option '$o' (accepted: ab, sN, nN, prev)" >&2; exit 2 ;;
             esac
         done
         export LD_LIBRARY_PATH="$bin"
         # one process per run: llama-bench restores the depth's KV state from the previous test of the same
         # process, which would carry another budget's cells (and skip its evictions)
         if [ $ab = 1 ]; then
-            MORPHKV_KV_SCORES=$mode "$bin/llama-bench" -m "$m" -ngl 99 -fa 1 -r 2 -o json --verbose -p 0 -n 128 \
+            MORPHKV_KV_SCORES=$mode "$bin/llama-bench" -m "$m" -ngl 99 -fa 1 -r 2 -o json --verbose -p 0 -n "$n_gen" \
                 -d "${MORPHKV_KERNEL_DEPTHS:-4096,16384}" -kvb $c "${interval[@]}" > "$OUT/ab-$tag.json" 2> "$OUT/ab-$tag.log" \
                 || echo "ab-$tag failed: $?"
             python3 - "$OUT/ab-$tag.json" "$tag" <<'PY'
@@ -206,6 +208,8 @@ import json, sys
 for r in json.load(open(sys.argv[1])):
     print(f"{sys.argv[2]:>16} d {r['n_depth']}: {r['avg_ts']:.1f} t/s")
 PY
+            # the evictions of steady decode without the profile's extra graphs (consecutive ones alike)
+            python3 "$(dirname "$0")/bench_summary.py" --evictions "$OUT/ab-$tag.log" | sed "s/^/$tag: /"
         fi
         MORPHKV_KV_SCORES=$mode MORPHKV_EVICT_PROFILE=1 "$bin/llama-bench" -m "$m" -ngl 99 -fa 1 -r 1 -o json \
             --verbose -p 0 -n 192 -d 4096 -kvb $c "${interval[@]}" > "$OUT/profile-$tag.json" 2> "$OUT/profile-$tag.log" \

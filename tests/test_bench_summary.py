@@ -47,3 +47,15 @@ def test_table_ratios_memory_and_eviction_groups(tmp_path, monkeypatch):
     # evictions grouped by size: count, min, median, max
     assert "| kvb2048 (tg) | 2112 -> 2048 | 1 | 8.5 | 8.5 | 8.5 |" in table
     assert "| kvb2048 (tg) | 2560 -> 2048 | 3 | 10.0 | 20.0 | 30.0 |" in table
+
+
+def test_evictions_of_one_log(tmp_path, monkeypatch, capsys):
+    log = tmp_path / "ab.log"
+    log.write_text("budget_evict: eviction 1: 2560 -> 2048 cells (32 protected), pos_max = 2559, 30.000 ms\n"
+                   "budget_evict: eviction 2: 2112 -> 2048 cells (32 protected), pos_max = 2623, 6.000 ms\n"
+                   "budget_evict: eviction 3: 2112 -> 2048 cells (32 protected), pos_max = 2687, 4.000 ms\n")
+    monkeypatch.setattr(sys, "argv", ["bench_summary.py", "--evictions", str(log)])
+    _load_summary().main()
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["evictions 2112 -> 2048 cells: 2, min 4.0 ms, median 6.0 ms, max 6.0 ms",
+                   "evictions 2560 -> 2048 cells: 1, min 30.0 ms, median 30.0 ms, max 30.0 ms"]
