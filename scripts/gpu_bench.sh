@@ -131,7 +131,8 @@ run)
     bench() {  # name tree model extra-args...
         local name=$1 tree=$2 model=$3; shift 3
         [ -x "$work/build-$tree/bin/llama-bench" ] || { echo "$name: skipped ($tree not built)"; return 0; }
-        nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/$name.mem" &
+        : > "$OUT/$name.mem"  # exists even if the process ends before the sampler's first line
+        nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >> "$OUT/$name.mem" &
         local smi=$!
         local t0=$SECONDS
         LD_LIBRARY_PATH="$work/build-$tree/bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
