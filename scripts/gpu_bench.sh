@@ -20,7 +20,7 @@
 #                with :ab, decode speed at MORPHKV_KERNEL_DEPTHS (and the evictions' times without the profile);
 #                :sN sets the eviction interval to N; :nN generates N tokens in the :ab run (128; a larger N
 #                holds many consecutive decode-time evictions); :prev runs the prev build
-#   phase eval:  carry .gpu/model.part.01 .gpu/llama_cpp_py.tar.xz; `morphkv eval` on the GPU (CUDA
+#   phase eval:  carry as for test; `morphkv eval` on the GPU (CUDA
 #                libllama), MORPHKV_EVAL_JOBS prompts at a time; eval.json etc. into $OUT/eval.tgz
 # MORPHKV_BENCH_TREES="patched" builds (and later runs) only the patched tree; the patched tree also
 # builds test-kv-scores and (unless MORPHKV_BENCH_OPS_TEST is set empty) test-backend-ops.
@@ -31,6 +31,7 @@
 # MORPHKV_EVAL_POLICIES (eval).
 # Prepare here: scripts/gpu_bench_prepare.sh. Summarise here: unpack run.tgz into DIR, scripts/bench_summary.py DIR
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/gpu_model_parts.sh"
 work="${MORPHKV_BENCH_WORK:-/tmp/mkvbench}"  # builds, models and scratch on the GPU machine
 mkdir -p "$work"
 shapes="${MORPHKV_BENCH_SHAPES:-llama-3.2-1b llama-3.1-8b llama-3.1-8b:q4_0}"
@@ -50,7 +51,7 @@ configure() {  # tree
 
 case "${1:?usage: gpu_bench.sh build|test|run}" in
 build)
-    for p in .gpu/model.part.*; do [ -f "$p" ] && cp "$p" "$work/"; done
+    stage_model_parts "$work"
     for t in $trees; do configure "$t"; done
     # the synthetic models are written while the two trees compile (8 jobs each)
     ( export PYTHONPATH="$work/src-patched/gguf-py:$PWD"
@@ -91,13 +92,7 @@ build)
     fi
     ;;
 test|eval)
-    for p in .gpu/model.part.*; do [ -f "$p" ] && cp "$p" "$work/"; done
-    [ -f "$work/model.gguf" ] || cat "$work"/model.part.* > "$work/model.gguf"
-    if [ -f .gpu/model.sha256 ] && [ "$(sha256sum < "$work/model.gguf" | cut -d' ' -f1)" != "$(cat .gpu/model.sha256)" ]; then
-        echo "the default model's pieces do not add up (carried: $(ls .gpu/model.part.* 2>/dev/null | xargs -n1 basename | tr '\n' ' ')); staged: $(ls "$work"/model.part.* | xargs -n1 basename | tr '\n' ' ')" >&2
-        rm -f "$work/model.gguf"
-        exit 1
-    fi
+    join_model_parts "$work"
     mkdir -p "$work/py" "$work/stub" && tar -xJf .gpu/llama_cpp_py.tar.xz -C "$work/py"
     echo "class Cache: pass" > "$work/stub/diskcache.py"
     export PYTHONPATH="$work/py:$work/stub:$PWD" LLAMA_CPP_LIB_PATH="$work/build-patched/bin"

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The budgeted KV cache on the GPU machine (H100), in two device runs because the default model
+# The budgeted KV cache on the GPU machine (H100, H200), in two device runs because the default model
 # (98 MB) and the source do not fit one transfer:
 #   phase build: unpack the patched llama.cpp (.gpu/llama-patched.tar.xz), build llama-completion
-#                for sm_90, keep the first half of the model (.gpu/model.part.00) in /tmp
-#   phase run:   join the model with .gpu/model.part.01; llama-completion with -n 4096 on the GPU,
-#                full cache and --kv-budget 256; logs and a summary into $OUT
-# Prepare here: tar of vendor/llama.cpp into .gpu/, `split -b 50m -d MODEL .gpu/model.part.`
+#                for sm_90, keep the model pieces carried (.gpu/model.part.00 .gpu/model.part.01) in /tmp
+#   phase run:   carry the others (.gpu/model.part.02 .gpu/model.part.03 .gpu/model.sha256) and join them;
+#                llama-completion with -n 4096 on the GPU, full cache and --kv-budget 256; logs and a summary into $OUT
+# Prepare here: scripts/gpu_bench_prepare.sh
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/gpu_model_parts.sh"
 phase="${1:?usage: gpu_kv_budget.sh build|run}"
 work=/tmp/mkv
 mkdir -p "$work"
 case "$phase" in
 build)
-    cp .gpu/model.part.00 "$work/"
+    stage_model_parts "$work"
     mkdir -p "$work/src" && tar -xJf .gpu/llama-patched.tar.xz -C "$work/src"
     cmake -S "$work/src" -B "$work/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
         -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
@@ -22,7 +23,7 @@ build)
     tail -3 "$OUT/build.log"
     ;;
 run)
-    cat "$work/model.part.00" .gpu/model.part.01 > "$work/model.gguf"
+    join_model_parts "$work"
     bin="$work/build/bin/llama-completion"
     prompt="Write a long story about a lighthouse keeper who records every passing ship in a ledger."
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"

@@ -78,3 +78,35 @@ def test_unknown_phase_is_refused(tmp_path):
                           env=dict(os.environ, OUT=str(tmp_path), MORPHKV_BENCH_WORK=str(tmp_path / "work")), timeout=30)
     assert proc.returncode == 2
     assert "unknown phase 'sweep' (accepted: build, test, eval, kernel, run)" in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_model_pieces_staged_over_two_calls_join_to_the_checked_model(tmp_path):
+    """scripts/gpu_model_parts.sh: pieces carried by two calls are joined and checked against model.sha256; a
+    missing piece is refused with a message instead of leaving a truncated model."""
+    import hashlib
+
+    model = bytes(range(256)) * 41
+    (tmp_path / ".gpu").mkdir()
+    (tmp_path / ".gpu" / "model.sha256").write_text(hashlib.sha256(model).hexdigest() + "\n")
+    pieces = [model[i:i + 2624] for i in range(0, len(model), 2624)]
+    assert len(pieces) == 4
+    work = tmp_path / "work"
+    work.mkdir()
+    helper = ROOT / "scripts" / "gpu_model_parts.sh"
+
+    def call(carried: list[int], action: str) -> subprocess.CompletedProcess:
+        for p in (tmp_path / ".gpu").glob("model.part.*"):
+            p.unlink()
+        for i in carried:
+            (tmp_path / ".gpu" / f"model.part.0{i}").write_bytes(pieces[i])
+        return subprocess.run(["bash", "-c", f'. "{helper}"; {action} "{work}"'], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=30)
+
+    assert call([0, 1], "stage_model_parts").returncode == 0
+    missing = call([3], "join_model_parts")  # piece 2 never carried
+    assert missing.returncode == 1 and "do not add up" in missing.stderr
+    assert not (work / "model.gguf").exists()
+    joined = call([2, 3], "join_model_parts")
+    assert joined.returncode == 0, joined.stderr
+    assert (work / "model.gguf").read_bytes() == model
