@@ -31,11 +31,11 @@ def peak_mib(run: Path, name: str) -> int | None:
 
 
 def kv_mib(run: Path, name: str) -> float | None:
-    """The largest KV buffer llama.cpp reported while the process ran (CUDA0 K + V)."""
+    """The largest KV buffer llama.cpp reported while the process ran (K + V on one device: CUDA0, CPU, ...)."""
     path = run / f"{name}.log"
     if not path.exists():
         return None
-    sizes = [float(m) for m in re.findall(r"llama_kv_cache: +CUDA0 KV buffer size = +([0-9.]+) MiB", path.read_text())]
+    sizes = [float(m) for m in re.findall(r"llama_kv_cache: +\S+ KV buffer size = +([0-9.]+) MiB", path.read_text())]
     return max(sizes) if sizes else None
 
 
@@ -63,7 +63,7 @@ def main() -> None:
                     help="only print the eviction times of one llama-bench --verbose log, grouped by cells")
     ap.add_argument("--out", type=Path, default=Path("results/h100-bench"))
     ap.add_argument("--title", default=None,
-                    help="default: the GPU named in RUN_DIR/gpu.txt, then the llama-bench arguments")
+                    help="default: the machine named in RUN_DIR/gpu.txt or machine.txt, then the llama-bench arguments")
     args = ap.parse_args()
     if args.evictions:
         for cells, (n, lo, mid, hi) in eviction_groups(args.evictions).items():
@@ -72,9 +72,13 @@ def main() -> None:
     if args.run is None:
         ap.error("RUN_DIR is needed (or --evictions LOG)")
     if args.title is None:
-        gpu = args.run / "gpu.txt"
-        name = gpu.read_text().split(",")[0].strip() if gpu.exists() and gpu.read_text().strip() else "GPU"
-        args.title = f"{name}, llama-bench -p 0 -n 64 -fa 1 -ngl 99 -r 2, synthetic weights"
+        gpu, machine = args.run / "gpu.txt", args.run / "machine.txt"
+        if gpu.exists() and gpu.read_text().strip():
+            args.title = f"{gpu.read_text().split(',')[0].strip()}, llama-bench -p 0 -n 64 -fa 1 -ngl 99 -r 2, synthetic weights"
+        elif machine.exists() and machine.read_text().strip():
+            args.title = f"{machine.read_text().strip()}, llama-bench -p 0 -n 64 -fa 1 (scripts/cpu_bench.sh)"
+        else:
+            args.title = "llama-bench -p 0 -n 64 -fa 1"
 
     shapes = sorted({p.name.split("-stock-tg")[0] for p in args.run.glob("*-stock-tg.json")})
     lines = [f"# {args.title}", ""]
@@ -132,7 +136,7 @@ def main() -> None:
     for ax, (shape, (depths, series)) in zip(axes[0], plot_data.items()):
         for c, ys in series.items():
             ax.plot(depths, ys, marker="o", label=c)
-        ax.set_xscale("symlog", linthresh=4096)
+        ax.set_xscale("symlog", linthresh=min([d for d in depths if d > 0] or [1]))  # linear up to the first depth
         ax.set_xlabel("depth (tokens already in context)")
         ax.set_ylabel("decode tokens/s")
         ax.set_title(shape)

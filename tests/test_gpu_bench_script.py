@@ -110,3 +110,40 @@ def test_model_pieces_staged_over_two_calls_join_to_the_checked_model(tmp_path):
     joined = call([2, 3], "join_model_parts")
     assert joined.returncode == 0, joined.stderr
     assert (work / "model.gguf").read_bytes() == model
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_cpu_bench_runs_stock_patched_and_each_budget_then_summarises(tmp_path):
+    """scripts/cpu_bench.sh with stand-in llama-bench binaries: one process per configuration, the KV-buffer
+    and eviction lines kept, and bench_summary.py's table with the budget's ratio to stock at depth 0."""
+    bins = tmp_path / "bins"
+    for tree in ("stock", "patched"):
+        exe = bins / tree / "bin" / "llama-bench"
+        exe.parent.mkdir(parents=True)
+        exe.write_text("#!/bin/sh\n"
+                       "echo '[{\"n_depth\": 0, \"avg_ts\": 100.0, \"stddev_ts\": 1.0},"
+                       " {\"n_depth\": 8192, \"avg_ts\": 80.0, \"stddev_ts\": 1.0}]'\n"
+                       "echo 'llama_kv_cache:        CPU KV buffer size =    22.50 MiB' >&2\n"
+                       "echo 'some other line' >&2\n")
+        exe.chmod(0o755)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    out = tmp_path / "out"
+    env = dict(os.environ, MORPHKV_CPU_BENCH_BINS=str(bins), MORPHKV_MODEL=str(model),
+               MORPHKV_CPU_BENCH_BUDGETS="256 512")
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "cpu_bench.sh"), str(out)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (out / "raw").glob("*.json")) == [
+        "m-kvb256-tg.json", "m-kvb512-tg.json", "m-patched-tg.json", "m-stock-tg.json"]
+    assert (out / "raw" / "m-kvb512-tg.log").read_text() == "llama_kv_cache:        CPU KV buffer size =    22.50 MiB\n"
+    table = (out / "table.md").read_text()
+    assert "| 8192 | 80.0 ± 1.0 | 80.0 ± 1.0 | 80.0 ± 1.0 | 80.0 ± 1.0 | 0.800 | 0.800 | 1.000 |" in table
+    assert "| kvb512 (tg, depths up to 8192) | 22.5 | - |" in table
+
+
+def test_cpu_bench_without_tools_says_what_to_run(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "cpu_bench.sh"), str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=30, env=dict(os.environ, MORPHKV_CPU_BENCH_BINS=str(tmp_path / "none")))
+    assert proc.returncode == 2
+    assert "llama-bench is missing: run scripts/setup.sh --tools" in proc.stderr
