@@ -39,15 +39,10 @@ def kv_mib(run: Path, name: str) -> float | None:
     return max(sizes) if sizes else None
 
 
-def evictions(run: Path, name: str) -> dict[str, tuple[int, float, float, float]]:
-    """{"N -> C": (count, min, median, max) ms} of the evictions the process logged (llama-bench --verbose).
+def eviction_groups(path: Path) -> dict[str, tuple[int, float, float, float]]:
+    """{"N -> C": (count, min, median, max) ms} of the evictions one llama-bench --verbose log holds.
     An eviction between two ubatches of a depth's prompt starts while the GPU still runs the previous one,
     so its time includes that wait; the minimum of a group is close to the eviction alone."""
-    return eviction_groups(run / f"{name}.log")
-
-
-def eviction_groups(path: Path) -> dict[str, tuple[int, float, float, float]]:
-    """eviction times of one llama-bench --verbose log, grouped by "N -> C" cells (see ``evictions``)"""
     if not path.exists():
         return {}
     groups: dict[str, list[float]] = {}
@@ -72,11 +67,11 @@ def main() -> None:
     if args.run is None:
         ap.error("RUN_DIR is needed (or --evictions LOG)")
     if args.title is None:
-        gpu, machine = args.run / "gpu.txt", args.run / "machine.txt"
-        if gpu.exists() and gpu.read_text().strip():
-            args.title = f"{gpu.read_text().split(',')[0].strip()}, llama-bench -p 0 -n 64 -fa 1 -ngl 99 -r 2, synthetic weights"
-        elif machine.exists() and machine.read_text().strip():
-            args.title = f"{machine.read_text().strip()}, llama-bench -p 0 -n 64 -fa 1 (scripts/cpu_bench.sh)"
+        gpu, machine = (p.read_text().strip() if p.exists() else "" for p in (args.run / "gpu.txt", args.run / "machine.txt"))
+        if gpu:
+            args.title = f"{gpu.split(',')[0].strip()}, llama-bench -p 0 -n 64 -fa 1 -ngl 99 -r 2, synthetic weights"
+        elif machine:
+            args.title = f"{machine}, llama-bench -p 0 -n 64 -fa 1 (scripts/cpu_bench.sh)"
         else:
             args.title = "llama-bench -p 0 -n 64 -fa 1"
 
@@ -105,7 +100,7 @@ def main() -> None:
         for c in configs:
             lines.append(f"| {c} (tg, depths up to {max(depths)}) | {kv_mib(args.run, f'{shape}-{c}-tg') or '-'} | "
                          f"{peak_mib(args.run, f'{shape}-{c}-tg') or '-'} |")
-        ev = {c: evictions(args.run, f"{shape}-{c}-tg") for c in configs[2:]}
+        ev = {c: eviction_groups(args.run / f"{shape}-{c}-tg.log") for c in configs[2:]}
         if any(ev.values()):
             lines += ["", "| process | evictions (cells) | count | min ms | median ms | max ms |", "|---|---|---|---|---|---|"]
             for c, groups in ev.items():

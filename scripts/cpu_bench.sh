@@ -22,7 +22,8 @@ shape="$(basename "$model" .gguf)"
 raw="$out/raw"
 mkdir -p "$raw"
 # the machine, for the summary's title
-echo "$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1 || echo CPU), $threads threads" > "$raw/machine.txt"
+cpu="$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1 || true)"
+echo "${cpu:-CPU}, $threads threads" > "$raw/machine.txt"
 
 bench() {  # config tree extra-args...
     local config=$1 tree=$2; shift 2

@@ -17,7 +17,7 @@ pack() {  # tree-dir out
 }
 pack "${MORPHKV_PATCHED_TREE:-$root/vendor/llama.cpp}" "$root/.gpu/llama-patched.tar.xz"
 pack "$root/vendor/stock/vendor/llama.cpp" "$root/.gpu/llama-stock.tar.xz"
-# the Python side of the patched bindings (no native library) and the default model in two pieces
+# the Python side of the patched bindings (no native library) and the default model
 tar -C "$root/vendor/llama-cpp-python" -cJf "$root/.gpu/llama_cpp_py.tar.xz" --exclude='llama_cpp/lib' --exclude='__pycache__' llama_cpp
 model="$("$root/.venv/bin/python" -c 'from morphkv_gguf.models import default_model_path; print(default_model_path())')"
 # four pieces: two travel with the build call, two with the test call (at most 64 MiB travel per call)
