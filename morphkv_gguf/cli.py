@@ -77,8 +77,9 @@ def kv_budget_options(fn):
                           "answer length [default: off, the full cache]"),
         click.option("--kv-window", type=click.IntRange(min=1), default=32, show_default=True,
                      help="recent tokens never evicted; their queries choose what else to keep"),
-        click.option("--kv-evict-interval", type=click.IntRange(min=1), default=64, show_default=True,
-                     help="tokens that may accumulate beyond the budget before the next eviction"),
+        click.option("--kv-evict-interval", type=click.IntRange(min=1), default=None,
+                     help="tokens that may accumulate beyond the budget before the next eviction [default: "
+                          "budget/8, at least 64 and at most --ubatch (64 for h2o): no more memory than 64]"),
         click.option("--kv-sinks", type=click.IntRange(min=0), default=0, show_default=True,
                      help="first tokens that are always kept"),
         click.option("--kv-fusion", type=click.Choice(["sum", "max"]), default="sum", show_default=True,
@@ -114,7 +115,8 @@ def _memory_line(mem: dict) -> str:
         return (f"KV cache {mem['kv_bytes'] / 2**20:.2f} MiB allocated ({mem['n_cells']} cells, "
                 f"{mem['n_used']} used; full cache, no budget)")
     return (f"KV cache {mem['kv_bytes'] / 2**20:.2f} MiB ({mem['n_cells']} cells, {mem['n_used']} used, "
-            f"{mem['n_evictions']} evictions, {mem['evict_ms']:.0f} ms) for {mem['n_tokens']} tokens; "
+            f"{mem['n_evictions']} evictions every {mem['evict_interval']} tokens, {mem['evict_ms']:.0f} ms) "
+            f"for {mem['n_tokens']} tokens; "
             f"a full cache would hold {mem['full_cache_bytes_for_tokens'] / 2**20:.2f} MiB")
 
 
@@ -356,13 +358,14 @@ def _count(n: int) -> str:
 @click.option("--cache-type", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
                                                   "iq4_nl"]),  # = gguf_info.KV_CACHE_TYPES (a test checks)
               default="f16", show_default=True, help="KV cache type for the memory figures")
-@click.option("--kv-evict-interval", type=click.IntRange(min=1), default=64, show_default=True,
-              help="S: tokens that may accumulate beyond the budget")
+@click.option("--kv-evict-interval", type=click.IntRange(min=1), default=None,
+              help="S: tokens that may accumulate beyond the budget [default: llama.cpp's automatic one, "
+                   "budget/8 within [64, n-ubatch]]")
 @click.option("--n-ubatch", type=click.IntRange(min=1), default=512, show_default=True,
               help="physical batch size (the budget's cache holds one more ubatch)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @_fail_on(ValueError, OSError)
-def inspect_cmd(model: Path | None, length: int | None, kv_budget: int, cache_type: str, kv_evict_interval: int,
+def inspect_cmd(model: Path | None, length: int | None, kv_budget: int, cache_type: str, kv_evict_interval: int | None,
             n_ubatch: int, as_json: bool) -> None:
     """Shape of MODEL (a GGUF file; default: the default model) and its KV memory with and without a budget."""
     from .gguf_info import (BUDGET_CACHE_TYPES, KV_CACHE_TYPES, budget_support, kv_bytes_per_token,
@@ -408,7 +411,8 @@ def inspect_cmd(model: Path | None, length: int | None, kv_budget: int, cache_ty
     ]
     if plan.kv_budget is not None:
         rows.append((f"KV {cache_type}, budget", f"{_mib(plan.budget_kv_bytes)} for C={plan.kv_budget} "
-                     f"({plan.budget_cells:,} cells, at any length) + query windows {_mib(plan.query_window_bytes)}"))
+                     f"({plan.budget_cells:,} cells, at any length, eviction every {plan.kv_evict_interval} tokens) "
+                     f"+ query windows {_mib(plan.query_window_bytes)}"))
     elif budget_note:
         rows.append((f"KV {cache_type}, budget", budget_note))
     rows.append(("KV budget", f"{'supported' if supported else 'NOT supported'}: {reason}"))

@@ -10,12 +10,6 @@ from typing import Callable
 from .models import resolve_model
 
 
-KV_BUDGET_DEFAULTS = {
-    "kv_window": 32, "kv_evict_interval": 64, "kv_sinks": 0, "kv_fusion": "sum",
-    "kv_group_reduce": "sum", "kv_granularity": "head", "kv_policy": "morphkv",
-}
-
-
 def load_llama(model: str | os.PathLike | None = None, *, n_ctx: int | None = None, seed: int = 1234,
                n_threads: int | None = None, verbose: bool = False, **kwargs):
     """A ``llama_cpp.Llama`` on ``model`` (default model when None).
@@ -43,6 +37,7 @@ def memory_report(llm) -> dict:
         "n_cells": int(info["n_cells"]),
         "n_used": int(info["n_used"]),
         "n_evictions": int(info["n_evictions"]),
+        "evict_interval": int(info["kv_evict_interval"]),  # the one in use (the automatic one by default)
         "evict_ms": round(float(info["t_evict_ms"]), 3),
         # what a full cache would hold for the same tokens, for comparison
         "full_cache_bytes_for_tokens": int(round(bytes_per_cell * llm.n_tokens)),

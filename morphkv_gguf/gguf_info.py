@@ -21,7 +21,7 @@ BUDGET_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 CELL_PAD = 256              # llama.cpp pads n_ctx (and the budget's cell count) to 256
 DEFAULT_KV_WINDOW = 32      # llama_kv_budget_params defaults
-DEFAULT_EVICT_INTERVAL = 64
+MIN_EVICT_INTERVAL = 64     # the automatic interval's floor (and H2O's automatic interval)
 DEFAULT_N_UBATCH = 512      # llama_context_default_params().n_ubatch
 
 # Architectures whose memory in llama.cpp is the plain KV cache with full attention in every layer
@@ -275,15 +275,25 @@ def query_window_bytes(shape: ModelShape, kv_window: int = DEFAULT_KV_WINDOW) ->
     return layers * shape.n_head * shape.head_k * kv_window * 4
 
 
-def budget_cells(kv_budget: int, kv_evict_interval: int = DEFAULT_EVICT_INTERVAL,
-                 n_ubatch: int = DEFAULT_N_UBATCH) -> int:
+def auto_evict_interval(kv_budget: int, n_ubatch: int = DEFAULT_N_UBATCH, policy: str = "morphkv") -> int:
+    """The interval S llama.cpp uses when none is given (kv_evict_interval = 0 / None): C/8, at least 64
+    and at most n_ubatch, so the cache (C + max(S, n_ubatch) cells) is no larger than with S = 64; 64 for
+    H2O, whose query ring holds every query since the last eviction."""
+    if policy == "h2o":
+        return MIN_EVICT_INTERVAL
+    return max(MIN_EVICT_INTERVAL, min(kv_budget // 8, n_ubatch))
+
+
+def budget_cells(kv_budget: int, kv_evict_interval: int | None = None, n_ubatch: int = DEFAULT_N_UBATCH) -> int:
     """Cells the patched llama.cpp allocates for a budget C: after an eviction C are in use, and one
-    more ubatch (prefill) or S tokens (decode) must fit; independent of n_ctx."""
+    more ubatch (prefill) or S tokens (decode) must fit; independent of n_ctx. S None: the automatic one."""
+    if kv_evict_interval is None:
+        kv_evict_interval = auto_evict_interval(kv_budget, n_ubatch)
     return _pad(kv_budget + max(kv_evict_interval, n_ubatch))
 
 
 def plan_kv_memory(shape: ModelShape, length: int, *, cache_type: str = "f16", kv_budget: int | None = None,
-                   kv_evict_interval: int = DEFAULT_EVICT_INTERVAL, n_ubatch: int = DEFAULT_N_UBATCH,
+                   kv_evict_interval: int | None = None, n_ubatch: int = DEFAULT_N_UBATCH,
                    kv_window: int = DEFAULT_KV_WINDOW) -> KVMemoryPlan:
     """KV memory of a context of ``length`` tokens, and of a budget of ``kv_budget`` cells if given.
 
@@ -306,10 +316,12 @@ def plan_kv_memory(shape: ModelShape, length: int, *, cache_type: str = "f16", k
     if kv_budget <= kv_window:
         raise ValueError(f"kv_budget ({kv_budget}) must be greater than kv_window ({kv_window}): "
                          f"the budget includes the protected recent window")
-    if kv_evict_interval < 1:
-        raise ValueError(f"kv_evict_interval must be at least 1, got {kv_evict_interval}")
+    if kv_evict_interval is not None and kv_evict_interval < 1:
+        raise ValueError(f"kv_evict_interval must be at least 1 (or None: automatic), got {kv_evict_interval}")
     if n_ubatch < 1:
         raise ValueError(f"n_ubatch must be at least 1, got {n_ubatch}")
+    if kv_evict_interval is None:
+        kv_evict_interval = auto_evict_interval(kv_budget, n_ubatch)
     cells = budget_cells(kv_budget, kv_evict_interval, n_ubatch)
     return KVMemoryPlan(**{**asdict(plan), "kv_budget": kv_budget, "kv_window": kv_window,
                            "kv_evict_interval": kv_evict_interval, "n_ubatch": n_ubatch,

@@ -81,6 +81,25 @@ def test_budget_plan_is_independent_of_length(default_shape):
     assert plan_kv_memory(default_shape, 5000).budget_cells is None
 
 
+@pytest.mark.parametrize("budget, n_ubatch, policy, interval", [
+    (256, 512, "morphkv", 64),     # C/8 = 32: the floor
+    (1024, 512, "morphkv", 128),
+    (2048, 512, "morphkv", 256),
+    (8192, 512, "morphkv", 512),   # capped at the ubatch the cache has room for
+    (2048, 128, "morphkv", 128),
+    (2048, 32, "morphkv", 64),     # the floor wins over a tiny ubatch (as with the old fixed 64)
+    (2048, 512, "h2o", 64),
+])
+def test_the_automatic_interval_costs_no_memory(default_shape, budget, n_ubatch, policy, interval):
+    from morphkv_gguf.gguf_info import auto_evict_interval, budget_cells
+    assert auto_evict_interval(budget, n_ubatch, policy) == interval
+    # the cache holds C + max(S, n_ubatch) cells: never more than with the former fixed S = 64
+    assert budget_cells(budget, interval, n_ubatch) == budget_cells(budget, 64, n_ubatch)
+    if policy == "morphkv":
+        plan = plan_kv_memory(default_shape, 100_000, kv_budget=budget, n_ubatch=n_ubatch)
+        assert plan.kv_evict_interval == interval and plan.budget_cells == budget_cells(budget, 64, n_ubatch)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"kv_budget": 32}, r"kv_budget \(32\) must be greater than kv_window \(32\)"),
     ({"kv_budget": 256, "cache_type": "q4_0"}, "cannot be used with a KV budget"),

@@ -57,6 +57,30 @@ def test_memory_stays_constant_over_8x_the_budget(model_path):
     assert snaps[-1]["n_evictions"] >= 8 * budget // interval - 2
 
 
+@pytest.mark.parametrize("budget, n_ubatch, policy", [
+    (128, 512, "morphkv"), (1024, 512, "morphkv"), (1024, 96, "morphkv"), (4096, 512, "morphkv"), (1024, 512, "h2o"),
+])
+def test_the_default_interval_is_the_automatic_one(model_path, budget, n_ubatch, policy):
+    """kv_evict_interval=None (the default): llama.cpp picks C/8 within [64, n_ubatch] (64 for H2O), reports
+    it in kv_budget_info, and allocates no more cells than with S = 64."""
+    from morphkv_gguf.gguf_info import auto_evict_interval, budget_cells
+
+    llm = _llm(model_path, kv_budget=budget, n_ctx=8192, n_batch=n_ubatch, n_ubatch=n_ubatch, kv_policy=policy)
+    info = llm.kv_budget_info()
+    assert info["kv_evict_interval"] == auto_evict_interval(budget, n_ubatch, policy)
+    assert info["n_cells"] == budget_cells(budget, 64, n_ubatch)
+
+
+def test_evictions_follow_the_automatic_interval(model_path):
+    budget = 640
+    llm = _llm(model_path, kv_budget=budget)  # S = 640/8 = 80
+    assert llm.kv_budget_info()["kv_evict_interval"] == 80
+    snaps: list[dict] = []
+    _generate(llm, budget + 2 * 80 + 8, snapshots=snaps)
+    assert max(s["n_used"] for s in snaps) == budget + 80
+    assert snaps[-1]["n_evictions"] >= 2
+
+
 def test_below_the_budget_output_equals_the_full_cache(model_path):
     full = _generate(_llm(model_path, flash_attn=True), 150)
     budgeted = _generate(_llm(model_path, kv_budget=1500), 150)

@@ -29,6 +29,18 @@ def test_long_generation_with_budget_keeps_the_kv_buffer_fixed(model_path):
     assert len(proc.stdout.split()) > 300, "no long answer"
 
 
+@pytest.mark.parametrize("args, interval, cells", [
+    (["--kv-budget", "2048"], "256 tokens (auto)", 2560),                                 # C/8, ubatch 512
+    (["--kv-budget", "2048", "--kv-evict-interval", "auto", "-ub", "128"], "128 tokens (auto)", 2304),
+    (["--kv-budget", "2048", "--kv-evict-interval", "32"], "32 tokens,", 2560),
+])
+def test_the_eviction_interval_defaults_to_the_automatic_one(model_path, args, interval, cells):
+    proc = _completion(model_path, "-n", "4", "-c", "4096", *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"eviction every {interval}" in proc.stderr
+    assert f"-> {cells} cells allocated" in proc.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--kv-budget", "16", "--kv-window", "32"], "kv_budget (16) must be greater than kv_window (32)"),
     (["--kv-budget", "128", "--kv-fusion", "mean"], "unknown --kv-fusion 'mean' (accepted: sum, max)"),
