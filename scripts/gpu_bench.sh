@@ -134,7 +134,9 @@ run)
             "$work/build-$tree/bin/llama-bench" -m "$model" -ngl 99 -fa 1 -r 2 -o json --verbose "$@" \
             > "$OUT/$name.json" 2> "$OUT/$name.log" || echo "$name failed: $?" | tee -a "$OUT/failures.txt"
         kill $smi 2>/dev/null || true; wait $smi 2>/dev/null || true
-        echo "$name: $((SECONDS - t0)) s, peak $(sort -n "$OUT/$name.mem" | tail -1) MiB, $(grep -m1 -o 'KV buffer size = *[0-9.]* MiB' "$OUT/$name.log" || echo 'KV ?')" | tee -a "$OUT/summary.txt"
+        # the largest KV buffer of the process (llama-bench makes one context per depth)
+        local kv; kv=$(grep -o 'KV buffer size = *[0-9.]* MiB' "$OUT/$name.log" | sort -t= -k2 -g | tail -1)
+        echo "$name: $((SECONDS - t0)) s, peak $(sort -n "$OUT/$name.mem" | tail -1) MiB, ${kv:-KV ?}" | tee -a "$OUT/summary.txt"
         # at most 8 files come back from the GPU machine: every process's JSON, log and memory samples go
         # into one archive, re-written after each process so that a run cut short still returns its part
         mkdir -p "$work/run" && mv "$OUT/$name".* "$work/run/" && tar -C "$work/run" -czf "$OUT/run.tgz" .
