@@ -27,6 +27,10 @@ def test_long_generation_with_budget_keeps_the_kv_buffer_fixed(model_path):
     assert len(evictions) >= 10
     assert all(int(after) == 128 for _, _, after in evictions)
     assert len(proc.stdout.split()) > 300, "no long answer"
+    # an update that only evicted leaves the worst-case graph as it was: no reserve of it after an eviction
+    log = proc.stderr
+    assert "graph_reserve: reserving a graph" in log[:log.index("budget_evict: eviction 1:")]
+    assert "graph_reserve: reserving a graph" not in log[log.index("budget_evict: eviction 1:"):]
 
 
 @pytest.mark.parametrize("args, interval, cells", [
