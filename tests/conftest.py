@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -9,6 +11,7 @@ from morphkv_gguf.build import tool_path
 from morphkv_gguf.models import default_model_path
 
 DATA = Path(__file__).parent / "data"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +41,11 @@ def require_tools(*names: str) -> dict[tuple[str, str], Path]:
             pytest.fail(msg)
         pytest.skip(msg)
     return found
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/NAME.py as a module (the scripts are not a package), for testing its functions."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_summary():
-    spec = importlib.util.spec_from_file_location("bench_summary", ROOT / "scripts" / "bench_summary.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_script
 
 
 def _tg(path: Path, speeds: dict[int, float]) -> None:
@@ -38,7 +30,7 @@ def test_table_ratios_memory_and_eviction_groups(tmp_path, monkeypatch):
         "budget_evict: eviction 4: 2112 -> 2048 cells (32 protected), pos_max = 4159, 8.500 ms\n")
     out = tmp_path / "out"
     monkeypatch.setattr(sys, "argv", ["bench_summary.py", str(run), "--out", str(out), "--title", "T"])
-    _load_summary().main()
+    load_script("bench_summary").main()
 
     table = (out / "table.md").read_text()
     assert "| depth | stock | patched | kvb2048 | prev-kvb2048 | kvb2048 / stock d0 | prev-kvb2048 / stock d0 |" in table
@@ -55,7 +47,7 @@ def test_evictions_of_one_log(tmp_path, monkeypatch, capsys):
                    "budget_evict: eviction 2: 2112 -> 2048 cells (32 protected), pos_max = 2623, 6.000 ms\n"
                    "budget_evict: eviction 3: 2112 -> 2048 cells (32 protected), pos_max = 2687, 4.000 ms\n")
     monkeypatch.setattr(sys, "argv", ["bench_summary.py", "--evictions", str(log)])
-    _load_summary().main()
+    load_script("bench_summary").main()
     out = capsys.readouterr().out.splitlines()
     assert out == ["evictions 2112 -> 2048 cells: 2, min 4.0 ms, median 6.0 ms, max 6.0 ms",
                    "evictions 2560 -> 2048 cells: 1, min 30.0 ms, median 30.0 ms, max 30.0 ms"]

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "eviction_token_cost.py"
+from conftest import SCRIPTS, load_script
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("eviction_token_cost", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+SCRIPT = SCRIPTS / "eviction_token_cost.py"
 
 
 def test_tokens_are_split_by_the_eviction_count():
-    split = _load().split_token_times
+    split = load_script("eviction_token_cost").split_token_times
     times = [1.0, 1.1, 9.0, 1.5, 1.0, 8.0, 7.0, 1.2]
     counts = [3, 3, 4, 4, 4, 5, 6, 6]  # evictions before: 3; tokens 2, 5 and 6 evicted
     ordinary, evicting, after = split(times, counts, evictions_before=3)
