@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import overlay
 from .patches import PATCH_DIR, read_series
 from .upstream import REPO_ROOT, SDIST_SHA256, UpstreamError, VendorPaths, log, vendor_paths
 
@@ -56,9 +57,10 @@ def _run(cmd: list[str], cwd: Path | None = None, env: dict | None = None, log_p
 
 
 def source_fingerprint(variant: str, cuda_arch: str) -> str:
-    """Identifies what a wheel was built from: the sdist, every patch, and the build options."""
+    """Identifies what a wheel was built from: the sdist, our files, every patch, and the build options."""
     digest = hashlib.sha256()
     digest.update(SDIST_SHA256.encode())
+    digest.update(overlay.fingerprint().encode())
     for patch in read_series(PATCH_DIR):
         digest.update(f"{patch.name}:{patch.sha256}\n".encode())
     digest.update(f"{variant}:{cuda_arch}".encode())

@@ -233,7 +233,7 @@ def _upstream_errors(fn):
 @dev.command()
 @_upstream_errors
 def prepare() -> None:
-    """Fetch and verify the pinned sdist, unpack it into vendor/, apply patches/."""
+    """Fetch and verify the pinned sdist, unpack it into vendor/, copy native/ and bindings/, apply patches/."""
     from . import patches, upstream
 
     paths = upstream.prepare()
@@ -248,9 +248,16 @@ def patches_group() -> None:
 @patches_group.command(name="status")
 @_upstream_errors
 def patches_status() -> None:
-    """Which patches are applied, which are pending, and unsaved edits in vendor/."""
-    from . import patches
+    """Which patches are applied, which are pending, our files' copies, and unsaved edits in vendor/."""
+    from . import overlay, patches
 
+    ov = overlay.state()
+    click.echo(f"our files: {ov.files} in {', '.join(f'{d}/' for d in sorted(overlay.OVERLAYS))}, "
+               f"{ov.files - len(ov.outdated) - len(ov.edited)} copied and current")
+    for dest in ov.outdated:
+        click.echo(f"OUTDATED {dest} (the repository's file changed: `morphkv dev patches apply` copies it)")
+    for dest in ov.edited:
+        click.echo(f"EDITED   {dest} (edited in place in vendor/: move the edit to the repository's file)")
     st = patches.state()
     for p in st.series:
         click.echo(f"{'applied' if p in st.applied else 'PENDING'}  {p.name}")
@@ -264,7 +271,7 @@ def patches_status() -> None:
 @patches_group.command(name="apply")
 @_upstream_errors
 def patches_apply() -> None:
-    """Apply the series to vendor/ (an already patched tree is detected and left alone)."""
+    """Copy our files into vendor/ and apply the series (an already patched tree is left alone)."""
     from . import patches
 
     patches.apply()

@@ -10,6 +10,10 @@ every question cheap and exact:
 * *save work*         the diff of the working tree becomes a patch file (new, or the last one amended);
 * *re-create*         every patch file can be written again from its commit (``export``).
 
+The patches edit upstream files only.  Our own files (``native/``, ``bindings/``) are copied into the
+tree by :func:`morphkv_gguf.overlay.sync`, which :func:`apply` runs first; the copies (listed in
+its manifest) never count as unsaved edits and never enter a saved patch.
+
 Paths inside patch files are relative to the sdist root (``vendor/llama.cpp/src/...`` for
 llama.cpp, ``llama_cpp/...`` for the Python bindings).
 """
@@ -21,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import overlay
 from .upstream import PRISTINE_TAG, REPO_ROOT, UpstreamError, VendorPaths, git, log, vendor_paths
 
 PATCH_DIR = REPO_ROOT / "patches"
@@ -100,8 +105,10 @@ def applied_patches(paths: VendorPaths) -> list[Patch]:
 
 
 def dirty_files(paths: VendorPaths) -> list[str]:
+    """Edits of the vendor tree beyond the series (our files' copies are not edits)."""
     out = git(paths.sdist_tree, "status", "--porcelain", "--untracked-files=all").stdout
-    return [line[3:] for line in out.splitlines() if line.strip()]
+    ours = set(overlay.copied(paths))
+    return [line[3:] for line in out.splitlines() if line.strip() and line[3:] not in ours]
 
 
 def state(paths: VendorPaths | None = None, patch_dir: Path = PATCH_DIR) -> PatchState:
@@ -114,13 +121,13 @@ def _check_patch(paths: VendorPaths, patch_path: Path) -> str | None:
     proc = git(paths.sdist_tree, "apply", "--check", "--verbose", str(patch_path), check=False)
     if proc.returncode == 0:
         return None
-    lines = [ln for ln in (proc.stderr + proc.stdout).splitlines()
-             if ln.startswith("error:") or "hunk" in ln.lower() or ln.startswith("Checking")]
-    return "\n".join(lines[-8:]) or proc.stderr.strip()
+    lines = (proc.stderr + proc.stdout).splitlines()
+    errors = [ln for ln in lines if ln.startswith("error:")]  # "error: patch failed: FILE:LINE" names the hunk
+    return "\n".join(errors[:8] or lines[-8:]) or proc.stderr.strip()
 
 
 def apply(paths: VendorPaths | None = None, patch_dir: Path = PATCH_DIR) -> list[str]:
-    """Bring the vendor tree to exactly the patch series; return the names newly applied.
+    """Bring the vendor tree to our files plus exactly the patch series; return the patch names newly applied.
 
     Idempotent: an up-to-date tree is detected and left as is.  Refuses (PatchError) to touch a
     tree with edits that are not saved as patches, and names the first patch (file and hunk) that
@@ -129,6 +136,7 @@ def apply(paths: VendorPaths | None = None, patch_dir: Path = PATCH_DIR) -> list
     paths = paths or vendor_paths()
     st = state(paths, patch_dir)
     if st.up_to_date:
+        overlay.sync(paths)
         if st.dirty_files:
             log(f"patches up to date; the vendor tree also has unsaved edits in {len(st.dirty_files)} "
                 f"file(s) ({', '.join(st.dirty_files[:5])}): builds include them; "
@@ -151,6 +159,7 @@ def apply(paths: VendorPaths | None = None, patch_dir: Path = PATCH_DIR) -> list
     if not st.is_prefix:
         log("patch series changed: rebuilding the patched tree from pristine")
         git(paths.sdist_tree, "reset", "-q", "--hard", PRISTINE_TAG)
+    overlay.sync(paths)
     done = []
     for patch in st.pending:
         patch_path = patch_dir / patch.name
@@ -165,7 +174,7 @@ def apply(paths: VendorPaths | None = None, patch_dir: Path = PATCH_DIR) -> list
 
 
 def reset(paths: VendorPaths | None = None, discard: bool = False) -> None:
-    """Return the vendor tree to pristine (patches are re-applied by :func:`apply`)."""
+    """Return the vendor tree to pristine, without our files (both come back with :func:`apply`)."""
     paths = paths or vendor_paths()
     dirty = dirty_files(paths)
     if dirty and not discard:
@@ -212,7 +221,8 @@ def save(name: str, description: str = "", paths: VendorPaths | None = None,
         raise PatchError(f"{name} is already in the series and is not the last patch; "
                          f"edit it with `git rebase -i {PRISTINE_TAG}` in {paths.sdist_tree}, then `morphkv dev patches export`")
     # build outputs (llama_cpp/lib, ...) stay out: upstream's .gitignore names them
-    git(paths.sdist_tree, "add", "-A", ".")
+    # (an upstream .gitignore may re-include a copy of ours, e.g. tests/.gitignore's `!*.*`: name them)
+    git(paths.sdist_tree, "add", "-A", "--", ".", *(f":(exclude){d}" for d in overlay.copied(paths)))
     base = "HEAD~1" if amend else "HEAD"
     body = _diff(paths, base, None)
     path = patch_dir / name

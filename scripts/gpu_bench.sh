@@ -1,39 +1,43 @@
 #!/usr/bin/env bash
 # Stock vs patched llama.cpp on the GPU machine (H100/H200): decode speed at depth, long-prompt prefill,
 # KV buffer and peak GPU memory, on synthetic GGUFs in real shapes (morphkv gguf synth).
-#   phase build: carry .gpu/llama-stock.tar.xz .gpu/llama-patched.tar.xz (+ gguf-py inside them),
+# Run from the repository root after scripts/gpu_bench_prepare.sh packed .gpu/; results go to $OUT
+# (default $MORPHKV_BENCH_WORK/out).
+#   phase build: needs .gpu/llama-stock.tar.xz .gpu/llama-patched.tar.xz (+ gguf-py inside them),
 #                .gpu/model.part.00 .gpu/model.part.01 and, if prepared, .gpu/llama-prev-src.tar.xz; builds
 #                llama-bench for sm_90 from both trees in parallel and writes the synthetic models into
-#                /tmp (resumable: a second `build` continues where a cut-off one stopped); with the prev
-#                files, then also the "prev" build: those files swapped into the patched build, built,
-#                its bin/ copied to build-prev/bin, the patched files swapped back and rebuilt
-#   phase test:  carry .gpu/model.part.02 .gpu/model.part.03 .gpu/model.sha256 .gpu/llama_cpp_py.tar.xz;
+#                the work folder (resumable: a second `build` continues where a cut-off one stopped); with
+#                the prev files, then also the "prev" build: those files swapped into the patched build,
+#                built, its bin/ copied to build-prev/bin, the patched files swapped back and rebuilt
+#   phase test:  needs .gpu/model.part.02 .gpu/model.part.03 .gpu/model.sha256 .gpu/llama_cpp_py.tar.xz;
 #                the native-vs-NumPy-reference eviction tests (tests/test_kv_budget.py) with the default
 #                model on the GPU (CUDA libllama)
 #   phase run:   llama-bench per tree and budget (one process each, GPU memory sampled): JSON, logs and
 #                memory samples into $OUT/run.tgz (unpack it for scripts/bench_summary.py); with a prev build,
 #                also kv_budget=2048 from it for the shapes in MORPHKV_BENCH_PREV_SHAPES ("llama-3.1-8b")
-#   phase kernel: the fused scoring op on the GPU (test-backend-ops -o KV_SCORES, test-kv-scores and its
-#                perf, each with the logits stored between the passes and with GGML_CUDA_KV_SCORES_RECOMPUTE=1),
-#                then on the 8B shape, per MORPHKV_KERNEL_RUNS entry mode:budget[:ab][:sN], a llama-bench run
-#                with MORPHKV_EVICT_PROFILE=1 (scoring / top-k / gather / host rewrite of every eviction) and,
-#                with :ab, decode speed at MORPHKV_KERNEL_DEPTHS (and the evictions' times without the profile);
-#                :sN sets the eviction interval to N; :nN generates N tokens in the :ab run (128; a larger N
-#                holds many consecutive decode-time evictions); :prev runs the prev build
-#   phase eval:  carry as for test; `morphkv eval` on the GPU (CUDA
-#                libllama), MORPHKV_EVAL_JOBS prompts at a time; eval.json etc. into $OUT/eval.tgz
+#   phase kernel: the fused scoring op on the GPU (test-backend-ops -o KV_SCORES, test-kv-scores, whose
+#                cases include both ways of the CUDA kernel: logits stored between its passes, and recomputed
+#                for more than 32 query heads per KV head; and its perf), then on the 8B shape, per
+#                MORPHKV_KERNEL_RUNS entry budget[:ab][:sN][:nN][:prev], a llama-bench run whose debug log
+#                times every eviction's stages (inputs, order, read-back, gather, metadata) and, with :ab,
+#                decode speed at MORPHKV_KERNEL_DEPTHS; :sN sets the eviction interval to N; :nN generates N
+#                tokens in the :ab run (128; a larger N holds many consecutive decode-time evictions); :prev
+#                runs the prev build
+#   phase eval:  needs what test needs; `morphkv eval` on the GPU (CUDA libllama), MORPHKV_EVAL_JOBS
+#                prompts at a time; eval.json etc. into $OUT/eval.tgz
 # MORPHKV_BENCH_TREES="patched" builds (and later runs) only the patched tree; the patched tree also
 # builds test-kv-scores and (unless MORPHKV_BENCH_OPS_TEST is set empty) test-backend-ops.
 # Other knobs: MORPHKV_BENCH_SHAPES/DEPTHS/BUDGETS/PREFILL (build, run; a shape NAME:TYPE, e.g.
 # llama-3.1-8b:q4_0, is written with those weights and measured for stock and kv_budget=2048 only);
-# MORPHKV_KERNEL_RUNS ("fused:1024 fused:2048:ab fused:4096 composed:2048:ab fused:2048:ab:s128"), MORPHKV_KERNEL_DEPTHS
-# ("4096,16384"), MORPHKV_KERNEL_PERF (1: test-kv-scores perf) (kernel); MORPHKV_EVAL_JOBS,
-# MORPHKV_EVAL_POLICIES (eval).
-# Prepare here: scripts/gpu_bench_prepare.sh. Summarise here: unpack run.tgz into DIR, scripts/bench_summary.py DIR
+# MORPHKV_KERNEL_RUNS ("1024 2048:ab 4096 2048:ab:s128"), MORPHKV_KERNEL_DEPTHS ("4096,16384"),
+# MORPHKV_KERNEL_PERF (1: test-kv-scores perf) (kernel); MORPHKV_EVAL_JOBS, MORPHKV_EVAL_POLICIES (eval).
+# Summarise here: unpack run.tgz into DIR, scripts/bench_summary.py DIR
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/gpu_model_parts.sh"
 work="${MORPHKV_BENCH_WORK:-/tmp/mkvbench}"  # builds, models and scratch on the GPU machine
 mkdir -p "$work"
+: "${OUT:=$work/out}"
+mkdir -p "$OUT"
 shapes="${MORPHKV_BENCH_SHAPES:-llama-3.2-1b llama-3.1-8b llama-3.1-8b:q4_0}"
 depths="${MORPHKV_BENCH_DEPTHS:-0,4096,16384,65536,131072}"
 budgets="${MORPHKV_BENCH_BUDGETS:-1024 2048 4096}"
@@ -78,9 +82,9 @@ build)
         # the binaries and libraries copied (llama-bench's RUNPATH yields to LD_LIBRARY_PATH), then swapped back
         swap="$work/prev-swap" src="$work/src-patched"
         rm -rf "$swap" && mkdir -p "$swap/old" "$swap/new"
-        tar -xJf .gpu/llama-prev-src.tar.xz -C "$swap/old" --strip-components=2
+        tar -xJf .gpu/llama-prev-src.tar.xz -C "$swap/old"
         (cd "$swap/old" && find . -type f | sed 's|^\./||') > "$swap/files"
-        # the patched versions from the carried archive, not from the tree (a cut-off swap leaves it half old)
+        # the patched versions from the packed archive, not from the tree (a cut-off swap leaves it half old)
         tar -xJf .gpu/llama-patched.tar.xz -C "$swap/new" $(cat "$swap/files")
         while read -r f; do cp "$swap/old/$f" "$src/$f"; done < "$swap/files"
         cmake --build "$work/build-patched" --target llama-bench -j 16 > "$OUT/build-prev.log" 2>&1 \
@@ -98,7 +102,7 @@ test|eval)
     export PYTHONPATH="$work/py:$work/stub:$PWD" LLAMA_CPP_LIB_PATH="$work/build-patched/bin"
     export MORPHKV_MODEL="$work/model.gguf" MORPHKV_TEST_GPU_LAYERS=99
     if [ "$1" = eval ]; then
-        # reference answers of an earlier run on this machine kind, carried back (same answers, cheaper)
+        # reference answers of an earlier run on this kind of machine, packed in .gpu/ (same answers, cheaper)
         [ -f .gpu/eval-cache.tgz ] && tar -xzf .gpu/eval-cache.tgz -C "$work"
         # click may be missing there: the evaluation is called directly (same code as `morphkv eval`);
         # the plots are drawn here from eval.json (morphkv eval --render)
@@ -137,8 +141,8 @@ run)
         # the largest KV buffer of the process (llama-bench makes one context per depth)
         local kv; kv=$(grep -o 'KV buffer size = *[0-9.]* MiB' "$OUT/$name.log" | sort -t= -k2 -g | tail -1)
         echo "$name: $((SECONDS - t0)) s, peak $(sort -n "$OUT/$name.mem" | tail -1) MiB, ${kv:-KV ?}" | tee -a "$OUT/summary.txt"
-        # at most 8 files come back from the GPU machine: every process's JSON, log and memory samples go
-        # into one archive, re-written after each process so that a run cut short still returns its part
+        # every process's JSON, log and memory samples go into one archive (one file to copy back),
+        # re-written after each process so that a run cut short still returns its part
         mkdir -p "$work/run" && mv "$OUT/$name".* "$work/run/" && tar -C "$work/run" -czf "$OUT/run.tgz" .
     }
     rm -rf "$work/run"
@@ -165,26 +169,22 @@ run)
 kernel)
     bin="$work/build-patched/bin"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-    # the CUDA kernel stores the logits between its passes where they fit; RECOMPUTE=1 tests the other way
-    for way in stored recompute; do
-        export GGML_CUDA_KV_SCORES_RECOMPUTE=$([ $way = recompute ] && echo 1 || echo 0)
-        if [ -x "$bin/test-backend-ops" ]; then
-            "$bin/test-backend-ops" test -o KV_SCORES -b CUDA0 > "$OUT/test-backend-ops-kv-scores-$way.txt" 2>&1 || echo "test-backend-ops ($way) failed: $?"
-            echo "test-backend-ops ($way): $(grep -E "tests passed" "$OUT/test-backend-ops-kv-scores-$way.txt" | tail -1)"
-        fi
-        "$bin/test-kv-scores" > "$OUT/test-kv-scores-$way.txt" 2>&1 || echo "test-kv-scores ($way) failed: $?"
-        echo "test-kv-scores ($way): $(tail -1 "$OUT/test-kv-scores-$way.txt")"
-        if [ "${MORPHKV_KERNEL_PERF:-1}" = 1 ]; then
-            "$bin/test-kv-scores" perf > "$OUT/test-kv-scores-perf-$way.txt" 2>&1 || echo "test-kv-scores perf ($way) failed: $?"
-            echo "perf ($way), fused / composed us:"
-            grep -v "CUDA graph" "$OUT/test-kv-scores-perf-$way.txt" | grep -A40 "^perf" | grep -i "cuda" | head -24
-        fi
-    done
-    unset GGML_CUDA_KV_SCORES_RECOMPUTE
+    if [ -x "$bin/test-backend-ops" ]; then
+        "$bin/test-backend-ops" test -o KV_SCORES -b CUDA0 > "$OUT/test-backend-ops-kv-scores.txt" 2>&1 || echo "test-backend-ops failed: $?"
+        echo "test-backend-ops: $(grep -E "tests passed" "$OUT/test-backend-ops-kv-scores.txt" | tail -1)"
+    fi
+    "$bin/test-kv-scores" > "$OUT/test-kv-scores.txt" 2>&1 || echo "test-kv-scores failed: $?"
+    echo "test-kv-scores: $(tail -1 "$OUT/test-kv-scores.txt")"
+    if [ "${MORPHKV_KERNEL_PERF:-1}" = 1 ]; then
+        "$bin/test-kv-scores" perf > "$OUT/test-kv-scores-perf.txt" 2>&1 || echo "test-kv-scores perf failed: $?"
+        echo "perf, fused / composed us:"
+        grep -v "CUDA graph" "$OUT/test-kv-scores-perf.txt" | grep -A40 "^perf" | grep -i "cuda" | head -24
+    fi
     m="$work/llama-3.1-8b.gguf"
-    for run in ${MORPHKV_KERNEL_RUNS:-fused:1024 fused:2048:ab fused:4096 composed:2048:ab fused:2048:ab:s128}; do
-        IFS=: read -r mode c opt1 opt2 opt3 <<< "$run"
-        ab=0; interval=(); tag="$mode-$c"; bin="$work/build-patched/bin"; n_gen=128
+    for run in ${MORPHKV_KERNEL_RUNS:-1024 2048:ab 4096 2048:ab:s128}; do
+        IFS=: read -r c opt1 opt2 opt3 <<< "$run"
+        case "$c" in ''|*[!0-9]*) echo "kernel run '$run': expected BUDGET[:ab][:sN][:nN][:prev], e.g. 2048:ab" >&2; exit 2 ;; esac
+        ab=0; interval=(); tag="kvb$c"; bin="$work/build-patched/bin"; n_gen=128
         for o in $opt1 $opt2 $opt3; do
             case "$o" in
                 ab) ab=1 ;;
@@ -198,7 +198,7 @@ kernel)
         # one process per run: llama-bench restores the depth's KV state from the previous test of the same
         # process, which would carry another budget's cells (and skip its evictions)
         if [ $ab = 1 ]; then
-            MORPHKV_KV_SCORES=$mode "$bin/llama-bench" -m "$m" -ngl 99 -fa 1 -r 2 -o json --verbose -p 0 -n "$n_gen" \
+            "$bin/llama-bench" -m "$m" -ngl 99 -fa 1 -r 2 -o json --verbose -p 0 -n "$n_gen" \
                 -d "${MORPHKV_KERNEL_DEPTHS:-4096,16384}" -kvb $c "${interval[@]}" > "$OUT/ab-$tag.json" 2> "$OUT/ab-$tag.log" \
                 || echo "ab-$tag failed: $?"
             python3 - "$OUT/ab-$tag.json" "$tag" <<'PY'
@@ -206,13 +206,15 @@ import json, sys
 for r in json.load(open(sys.argv[1])):
     print(f"{sys.argv[2]:>16} d {r['n_depth']}: {r['avg_ts']:.1f} t/s")
 PY
-            # the evictions of steady decode without the profile's extra graphs (consecutive ones alike)
-            python3 "$(dirname "$0")/bench_summary.py" --evictions "$OUT/ab-$tag.log" | sed "s/^/$tag: /"
+            log="$OUT/ab-$tag.log"
+        else
+            "$bin/llama-bench" -m "$m" -ngl 99 -fa 1 -r 1 -o json --verbose -p 0 -n 192 -d 4096 -kvb $c "${interval[@]}" \
+                > "$OUT/evict-$tag.json" 2> "$OUT/evict-$tag.log" || echo "evict-$tag failed: $?"
+            log="$OUT/evict-$tag.log"
         fi
-        MORPHKV_KV_SCORES=$mode MORPHKV_EVICT_PROFILE=1 "$bin/llama-bench" -m "$m" -ngl 99 -fa 1 -r 1 -o json \
-            --verbose -p 0 -n 192 -d 4096 -kvb $c "${interval[@]}" > "$OUT/profile-$tag.json" 2> "$OUT/profile-$tag.log" \
-            || echo "profile-$tag failed: $?"
-        grep -h "profile: eviction" "$OUT/profile-$tag.log" | tail -2 | sed "s/.*profile: /$tag: /"
+        python3 "$(dirname "$0")/bench_summary.py" --evictions "$log" | sed "s/^/$tag: /"
+        # the stages of the last evictions (the debug line of each)
+        grep -h "budget_evict: eviction" "$log" | tail -2 | sed "s/.*budget_evict: /$tag: /"
     done
     cd "$OUT" && tar -czf kernel.tgz --remove-files ./*.txt ./*.json ./*.log
     ;;

@@ -2,7 +2,9 @@
 # Pack what scripts/gpu_bench.sh needs on the GPU machine into .gpu/ (git-excluded): the patched and
 # the stock llama.cpp trees, only the parts a CUDA build of llama-bench reads, plus gguf-py for
 # `morphkv gguf synth` (the GPU machine has no gguf package), the Python bindings and the default model.
-# MORPHKV_PREV=NNNN (e.g. 0017) adds the files for a "prev" build: the patched tree as it was after patch NNNN.
+# MORPHKV_PREV_TREE=DIR adds the files for a "prev" build: DIR is an earlier patched llama.cpp tree (e.g. the
+# vendor/llama.cpp of a clone at an earlier commit, after its `python -m morphkv_gguf dev prepare`); the files
+# that differ from the current patched tree are packed, and gpu_bench.sh builds them in the patched build dir.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 mkdir -p "$root/.gpu"
@@ -20,21 +22,39 @@ pack "$root/vendor/stock/vendor/llama.cpp" "$root/.gpu/llama-stock.tar.xz"
 # the Python side of the patched bindings (no native library) and the default model
 tar -C "$root/vendor/llama-cpp-python" -cJf "$root/.gpu/llama_cpp_py.tar.xz" --exclude='llama_cpp/lib' --exclude='__pycache__' llama_cpp
 model="$("$root/.venv/bin/python" -c 'from morphkv_gguf.models import default_model_path; print(default_model_path())')"
-# four pieces: two travel with the build call, two with the test call (at most 64 MiB travel per call)
+# four pieces (two for the build phase, two for the test phase), each small enough to copy to the GPU machine
 rm -f "$root/.gpu"/model.part.* "$root/.gpu/llama-prev-src.tar.xz"
 split -n 4 -d "$model" "$root/.gpu/model.part."
 sha256sum < "$model" | cut -d' ' -f1 > "$root/.gpu/model.sha256"
-# MORPHKV_PREV=NNNN: also the files that the patches after NNNN change, as they were after patch NNNN;
-# gpu_bench.sh build makes a "prev" build of them for a same-machine A/B of the newer patches
-if [ -n "${MORPHKV_PREV:-}" ]; then
-    vrepo="$root/vendor/llama-cpp-python"
-    rev="$(git -C "$vrepo" log --format=%H -n1 --grep="^${MORPHKV_PREV}-")"
-    [ -n "$rev" ] || { echo "MORPHKV_PREV=$MORPHKV_PREV: no applied patch of that number in $vrepo" >&2; exit 2; }
-    files="$(git -C "$vrepo" diff --name-only "$rev" HEAD -- vendor/llama.cpp)"
-    for f in $files; do
-        git -C "$vrepo" cat-file -e "$rev:$f" 2>/dev/null || { echo "MORPHKV_PREV: $f is new after $MORPHKV_PREV (not supported)" >&2; exit 2; }
-    done
-    git -C "$vrepo" archive --format=tar "$rev" $files | xz > "$root/.gpu/llama-prev-src.tar.xz"
-    echo "prev (after patch $MORPHKV_PREV): $(echo $files | wc -w) file(s): $files"
+# MORPHKV_PREV_TREE=DIR: the files of DIR that differ from the current patched tree, for a same-machine A/B
+if [ -n "${MORPHKV_PREV_TREE:-}" ]; then
+    prev="$MORPHKV_PREV_TREE" cur="${MORPHKV_PATCHED_TREE:-$root/vendor/llama.cpp}"
+    [ -f "$prev/CMakeLists.txt" ] && [ -d "$prev/src" ] || {
+        echo "MORPHKV_PREV_TREE=$prev is not a llama.cpp tree (expected CMakeLists.txt and src/ in it)" >&2; exit 2; }
+    files="$(python3 - "$prev" "$cur" <<'PY'
+import filecmp, os, sys
+prev, cur = sys.argv[1:]
+changed, gone = [], []
+for top in ("CMakeLists.txt", "src", "include", "common", "ggml/include", "ggml/src", "tools/llama-bench"):
+    for base in (cur, prev):
+        path = os.path.join(base, top)
+        walk = os.walk(path) if os.path.isdir(path) else [(base, [], [top])] if os.path.isfile(path) else []
+        for dirpath, _, names in walk:
+            for name in names:
+                rel = os.path.relpath(os.path.join(dirpath, name), base)
+                other = os.path.join(prev if base == cur else cur, rel)
+                if base == prev and not os.path.exists(other):
+                    gone.append(rel)
+                elif base == cur and os.path.exists(other) and not filecmp.cmp(other, os.path.join(cur, rel), shallow=False):
+                    changed.append(rel)
+if gone:
+    sys.exit(f"MORPHKV_PREV_TREE: {', '.join(sorted(gone)[:5])} exist only in the prev tree (a prev build swaps changed files, "
+             f"it cannot add files the current tree lacks)")
+print(" ".join(sorted(set(changed))))
+PY
+)" || exit 2
+    [ -n "$files" ] || { echo "MORPHKV_PREV_TREE: no file differs from the current patched tree" >&2; exit 2; }
+    tar -C "$prev" -cJf "$root/.gpu/llama-prev-src.tar.xz" $files
+    echo "prev ($prev): $(echo $files | wc -w) file(s): $files"
 fi
 ls -la "$root/.gpu"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The budgeted KV cache on the GPU machine (H100, H200), in two device runs because the default model
-# (98 MB) and the source do not fit one transfer:
+# The budgeted KV cache on the GPU machine (H100, H200), in two phases, each with part of the default model
+# (98 MB, in pieces) and the source:
 #   phase build: unpack the patched llama.cpp (.gpu/llama-patched.tar.xz), build llama-completion
-#                for sm_90, keep the model pieces carried (.gpu/model.part.00 .gpu/model.part.01) in /tmp
-#   phase run:   carry the others (.gpu/model.part.02 .gpu/model.part.03 .gpu/model.sha256) and join them;
+#                for sm_90, keep the model pieces present (.gpu/model.part.00 .gpu/model.part.01) in /tmp
+#   phase run:   needs the others (.gpu/model.part.02 .gpu/model.part.03 .gpu/model.sha256) and join them;
 #                llama-completion with -n 4096 on the GPU, full cache and --kv-budget 256; logs and a summary into $OUT
 # Prepare here: scripts/gpu_bench_prepare.sh
 set -euo pipefail

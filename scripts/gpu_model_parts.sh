@@ -1,8 +1,8 @@
 # Sourced by the GPU machine scripts (gpu_bench.sh, gpu_positions.sh, gpu_kv_budget.sh): the default model
-# travels in pieces (.gpu/model.part.NN from scripts/gpu_bench_prepare.sh, a few per device call, since at
-# most 64 MiB travel with one call), staged in a work folder across calls and joined when all are there.
+# arrives in pieces (.gpu/model.part.NN from scripts/gpu_bench_prepare.sh, a few with each phase), staged in
+# a work folder across phases and joined when all are there.
 
-# stage_model_parts WORK: keep the pieces this call carried
+# stage_model_parts WORK: keep the pieces present in .gpu/
 stage_model_parts() {
     local p
     for p in .gpu/model.part.*; do
@@ -11,13 +11,13 @@ stage_model_parts() {
     return 0
 }
 
-# join_model_parts WORK: stage this call's pieces, join all into WORK/model.gguf and check it against
-# .gpu/model.sha256 (when carried); exits with a message naming the pieces if they do not add up
+# join_model_parts WORK: stage the pieces present, join all into WORK/model.gguf and check it against
+# .gpu/model.sha256 (when present); exits with a message naming the pieces if they do not add up
 join_model_parts() {
     stage_model_parts "$1"
     [ -f "$1/model.gguf" ] || cat "$1"/model.part.* > "$1/model.gguf"
     if [ -f .gpu/model.sha256 ] && [ "$(sha256sum < "$1/model.gguf" | cut -d' ' -f1)" != "$(cat .gpu/model.sha256)" ]; then
-        echo "the default model's pieces do not add up (staged: $(cd "$1" && ls model.part.* | tr '\n' ' ')); carry the" \
+        echo "the default model's pieces do not add up (staged: $(cd "$1" && ls model.part.* | tr "\n" " ")); bring the" \
              "missing .gpu/model.part.* (scripts/gpu_bench_prepare.sh writes them and model.sha256)" >&2
         rm -f "$1/model.gguf"
         exit 1

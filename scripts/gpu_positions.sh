@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CPU vs CUDA: on the GPU machine, build libllama with CUDA from the patched tree and dump what the
 # budgeted cache keeps (scripts/kv_budget_positions.py) into $OUT; compare with a CPU dump made here.
-#   phase build: carry .gpu/llama-patched.tar.xz .gpu/llama_cpp_py.tar.xz .gpu/model.part.00 .gpu/model.part.01
-#   phase run:   carry .gpu/model.part.02 .gpu/model.part.03 .gpu/model.sha256
+#   phase build: needs .gpu/llama-patched.tar.xz .gpu/llama_cpp_py.tar.xz .gpu/model.part.00 .gpu/model.part.01
+#   phase run:   needs .gpu/model.part.02 .gpu/model.part.03 .gpu/model.sha256
 # (the pieces as scripts/gpu_bench_prepare.sh writes them)
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/gpu_model_parts.sh"

@@ -1,5 +1,5 @@
 """scripts/gpu_bench.sh's run phase with stand-ins for llama-bench and nvidia-smi: every process's files
-come back packed in one archive (the GPU machine returns at most 8 files per call)."""
+come back packed in one archive (one file to copy back from the GPU machine)."""
 
 from __future__ import annotations
 
@@ -84,8 +84,8 @@ def test_unknown_phase_is_refused(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_model_pieces_staged_over_two_calls_join_to_the_checked_model(tmp_path):
-    """scripts/gpu_model_parts.sh: pieces carried by two calls are joined and checked against model.sha256; a
+def test_model_pieces_staged_over_two_phases_join_to_the_checked_model(tmp_path):
+    """scripts/gpu_model_parts.sh: pieces present in two phases are joined and checked against model.sha256; a
     missing piece is refused with a message instead of leaving a truncated model."""
     import hashlib
 
@@ -98,19 +98,19 @@ def test_model_pieces_staged_over_two_calls_join_to_the_checked_model(tmp_path):
     work.mkdir()
     helper = ROOT / "scripts" / "gpu_model_parts.sh"
 
-    def call(carried: list[int], action: str) -> subprocess.CompletedProcess:
+    def phase(present: list[int], action: str) -> subprocess.CompletedProcess:
         for p in (tmp_path / ".gpu").glob("model.part.*"):
             p.unlink()
-        for i in carried:
+        for i in present:
             (tmp_path / ".gpu" / f"model.part.0{i}").write_bytes(pieces[i])
         return subprocess.run(["bash", "-c", f'. "{helper}"; {action} "{work}"'], cwd=tmp_path,
                               capture_output=True, text=True, timeout=30)
 
-    assert call([0, 1], "stage_model_parts").returncode == 0
-    missing = call([3], "join_model_parts")  # piece 2 never carried
+    assert phase([0, 1], "stage_model_parts").returncode == 0
+    missing = phase([3], "join_model_parts")  # piece 2 never present
     assert missing.returncode == 1 and "do not add up" in missing.stderr
     assert not (work / "model.gguf").exists()
-    joined = call([2, 3], "join_model_parts")
+    joined = phase([2, 3], "join_model_parts")
     assert joined.returncode == 0, joined.stderr
     assert (work / "model.gguf").read_bytes() == model
 

@@ -1,5 +1,5 @@
-"""The fused scoring op of patch 0011 (GGML_OP_KV_SCORES): its CPU implementation against the composed
-ggml graph it replaces, through llama.cpp's own check (tests/test-kv-scores.cpp, built with the tools)."""
+"""The fused scoring op GGML_OP_KV_SCORES (native/ggml/src/ggml-cpu/kv-scores.cpp): its CPU kernel against
+the composed ggml graph it replaces, through our check native/tests/test-kv-scores.cpp (built with the tools)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The patch chain: applies to a pristine tree, is detected when re-applied, refuses foreign edits."""
+"""The source layout: our files copied into a pristine tree, then the patch series (which edits upstream
+files only) applied; re-applying is detected, foreign edits are refused, the series stays a design."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from morphkv_gguf import patches, upstream
+from morphkv_gguf import overlay, patches, upstream
+from morphkv_gguf.overlay import OverlayError
 from morphkv_gguf.patches import PatchError
 
 
@@ -58,7 +60,7 @@ def test_foreign_edit_stops_with_file_and_hunk(fresh_vendor, patch_dir):
         patches.apply(fresh_vendor, patch_dir)
     msg = str(err.value)
     assert "vendor/llama.cpp/include/llama.h" in msg
-    assert "0001-llama-morphkv-version-marker.patch" in msg
+    assert "0004-llama-kv-budget-cache.patch" in msg
     assert "patch failed" in msg  # git names the hunk: "patch failed: <file>:<line>"
     assert header.read_text() != text, "the user's edit must survive"
     patches.reset(fresh_vendor, discard=True)
@@ -119,3 +121,108 @@ def test_save_new_patch_then_export_recreates_every_file(fresh_vendor, patch_dir
 def test_bad_patch_name_is_rejected(fresh_vendor, patch_dir):
     with pytest.raises(PatchError, match="expected NNNN-lowercase-words.patch"):
         patches.save("My Patch.diff", "", fresh_vendor, patch_dir)
+
+
+# --- our own files (native/, bindings/) -------------------------------------------------------------
+
+
+def test_our_files_are_copied_and_never_count_as_edits(fresh_vendor, patch_dir):
+    patches.reset(fresh_vendor, discard=True)
+    patches.apply(fresh_vendor, patch_dir)
+    files = overlay.overlay_files()
+    dests = {f.dest for f in files}
+    assert "vendor/llama.cpp/src/llama-kv-budget.cpp" in dests
+    assert "llama_cpp/_kv_budget.py" in dests
+    for f in files:
+        assert (fresh_vendor.sdist_tree / f.dest).read_bytes() == f.source.read_bytes(), f.dest
+    assert overlay.copied(fresh_vendor) == sorted(dests)
+    # not unsaved edits, not part of a saved patch (tests/.gitignore's `!*.*` re-includes test-kv-scores.cpp)
+    assert patches.dirty_files(fresh_vendor) == []
+    with pytest.raises(PatchError, match="nothing to save"):
+        patches.save("0099-nothing.patch", "", fresh_vendor, patch_dir)
+    st = overlay.state(fresh_vendor)
+    assert st.files == len(files) and not st.outdated and not st.edited
+    # the stock tree never receives them
+    assert not (fresh_vendor.stock_llama_cpp / "src" / "llama-kv-budget.cpp").exists()
+
+
+def test_copy_edited_in_place_is_never_overwritten(fresh_vendor, patch_dir):
+    patches.reset(fresh_vendor, discard=True)
+    patches.apply(fresh_vendor, patch_dir)
+    copy = fresh_vendor.llama_cpp / "src" / "llama-kv-budget.h"
+    original = copy.read_text()
+    copy.write_text(original + "// edited in the vendor tree\n")
+    assert overlay.state(fresh_vendor).edited == ["vendor/llama.cpp/src/llama-kv-budget.h"]
+    with pytest.raises(OverlayError, match="llama-kv-budget.h were edited in place"):
+        overlay.sync(fresh_vendor)
+    assert copy.read_text().endswith("// edited in the vendor tree\n"), "the edit must survive"
+    copy.unlink()  # dropping the copy is the documented way out
+    overlay.sync(fresh_vendor)
+    assert copy.read_text() == original
+
+
+def test_removed_file_leaves_the_tree_and_upstream_files_cannot_be_replaced(fresh_vendor, tmp_path):
+    patches.reset(fresh_vendor, discard=True)
+    root = tmp_path / "repo"
+    extra = root / "native" / "src" / "llama-extra.cpp"
+    extra.parent.mkdir(parents=True)
+    extra.write_text("// ours\n")
+    assert overlay.sync(fresh_vendor, root) == ["vendor/llama.cpp/src/llama-extra.cpp"]
+    assert (fresh_vendor.llama_cpp / "src" / "llama-extra.cpp").exists()
+    extra.unlink()
+    overlay.sync(fresh_vendor, root)
+    assert not (fresh_vendor.llama_cpp / "src" / "llama-extra.cpp").exists()
+    clash = root / "native" / "src" / "llama.cpp"
+    clash.write_text("// would hide upstream's file\n")
+    with pytest.raises(OverlayError, match="exist in the upstream tree"):
+        overlay.sync(fresh_vendor, root)
+    patches.reset(fresh_vendor, discard=True)
+
+
+def test_fingerprint_follows_our_files(tmp_path):
+    root = tmp_path / "repo"
+    (root / "native" / "src").mkdir(parents=True)
+    f = root / "native" / "src" / "a.cpp"
+    f.write_text("int a;\n")
+    before = overlay.fingerprint(root)
+    f.write_text("int b;\n")
+    assert overlay.fingerprint(root) != before
+
+
+# --- the series as a design ------------------------------------------------------------------------
+
+
+def _diffs(text: str) -> list[tuple[str, list[str]]]:
+    """(path, lines) of every file a patch changes."""
+    out = []
+    for chunk in text.split("diff --git a/")[1:]:
+        path = chunk.split(" b/", 1)[0]
+        out.append((path, chunk.splitlines()))
+    return out
+
+
+def test_series_is_a_short_themed_set_of_upstream_edits(fresh_vendor):
+    series = patches.read_series()
+    assert 1 <= len(series) <= 10
+    pristine = set(upstream.git(fresh_vendor.sdist_tree, "ls-tree", "-r", "--name-only",
+                                upstream.PRISTINE_TAG).stdout.split())
+    for patch in series:
+        text = (patches.PATCH_DIR / patch.name).read_text()
+        description = text[:text.index("diff --git ")].strip().split("\n\n")
+        assert len(description) == 2 and description[0] and "\n" not in description[0], \
+            f"{patch.name}: expected a subject line and one paragraph"
+        assert "new file mode" not in text, f"{patch.name} adds a whole file: keep it under native/ or bindings/"
+        for path, _ in _diffs(text):
+            assert path in pristine, f"{patch.name} changes {path}, which is not an upstream file"
+
+
+def test_no_patch_deletes_what_an_earlier_one_added(fresh_vendor):
+    pristine_lines: dict[str, set[str]] = {}
+    for patch in patches.read_series():
+        for path, lines in _diffs((patches.PATCH_DIR / patch.name).read_text()):
+            if path not in pristine_lines:
+                show = upstream.git(fresh_vendor.sdist_tree, "show", f"{upstream.PRISTINE_TAG}:{path}")
+                pristine_lines[path] = set(show.stdout.splitlines())
+            removed = [ln[1:] for ln in lines if ln.startswith("-") and not ln.startswith("---")]
+            rewritten = [ln for ln in removed if ln not in pristine_lines[path]]
+            assert not rewritten, f"{patch.name} deletes lines of {path} that an earlier patch added: {rewritten[:3]}"

@@ -1,0 +1,1467 @@
+#include "llama-kv-budget.h"
+
+#include "llama-arch.h"
+#include "llama-batch.h"
+#include "llama-context.h"
+#include "llama-cparams.h"
+#include "llama-graph.h"
+#include "llama-impl.h"
+#include "llama-io.h"
+#include "llama-kv-cache.h"
+#include "llama-model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <stdexcept>
+#include <thread>
+
+//
+// configuration
+//
+
+static const char * kv_fusion_name(int v) {
+    switch (v) {
+        case LLAMA_KV_FUSION_SUM: return "sum";
+        case LLAMA_KV_FUSION_MAX: return "max";
+    }
+    return "?";
+}
+
+static const char * kv_granularity_name(int v) {
+    switch (v) {
+        case LLAMA_KV_GRANULARITY_HEAD:  return "head";
+        case LLAMA_KV_GRANULARITY_TOKEN: return "token";
+    }
+    return "?";
+}
+
+static const char * kv_policy_name(int v) {
+    switch (v) {
+        case LLAMA_KV_POLICY_MORPHKV:   return "morphkv";
+        case LLAMA_KV_POLICY_STREAMING: return "streaming";
+        case LLAMA_KV_POLICY_H2O:       return "h2o";
+        case LLAMA_KV_POLICY_SNAPKV:    return "snapkv";
+    }
+    return "?";
+}
+
+[[noreturn]] static void kv_budget_fail(const std::string & msg) {
+    throw std::runtime_error("kv_budget: " + msg);
+}
+
+// kv_evict_interval = 0: budget/8 (one eviction per C/8 tokens: fewer for large budgets), at least 64 and at
+// most n_ubatch, so that the cache (budget + max(interval, n_ubatch) cells) is no larger than with 64; H2O keeps
+// 64, since its query ring holds every query since the last eviction
+static uint32_t kv_budget_auto_interval(uint32_t budget, uint32_t n_ubatch, llama_kv_policy policy) {
+    const uint32_t s_min = 64;
+    if (policy == LLAMA_KV_POLICY_H2O) {
+        return s_min;
+    }
+    return std::max(s_min, std::min(budget/8, n_ubatch));
+}
+
+void llama_kv_budget_configure(const llama_context_params & params, llama_cparams & cparams) {
+    auto & kb = cparams.kv_budget;
+    kb = llama_kv_budget_params();
+
+    if (params.kv_budget == 0) {
+        return; // stock behaviour
+    }
+
+    if (params.kv_window == 0) {
+        kv_budget_fail("kv_window must be at least 1 (the recent tokens whose queries score the cache)");
+    }
+    if (params.kv_budget <= params.kv_window + params.kv_sinks) {
+        kv_budget_fail(format("kv_budget (%u) must be greater than kv_window (%u) + kv_sinks (%u): the budget includes "
+                "the protected recent window and sinks", params.kv_budget, params.kv_window, params.kv_sinks));
+    }
+    for (const auto & [name, value] : { std::make_pair("kv_fusion", (int) params.kv_fusion),
+                                        std::make_pair("kv_group_reduce", (int) params.kv_group_reduce) }) {
+        if (value != LLAMA_KV_FUSION_SUM && value != LLAMA_KV_FUSION_MAX) {
+            kv_budget_fail(format("unknown %s value %d (accepted: %d = sum, %d = max)", name, value,
+                    LLAMA_KV_FUSION_SUM, LLAMA_KV_FUSION_MAX));
+        }
+    }
+    if (params.kv_granularity != LLAMA_KV_GRANULARITY_HEAD && params.kv_granularity != LLAMA_KV_GRANULARITY_TOKEN) {
+        kv_budget_fail(format("unknown kv_granularity value %d (accepted: %d = head, %d = token)", (int) params.kv_granularity,
+                LLAMA_KV_GRANULARITY_HEAD, LLAMA_KV_GRANULARITY_TOKEN));
+    }
+    if (params.kv_policy < LLAMA_KV_POLICY_MORPHKV || params.kv_policy > LLAMA_KV_POLICY_SNAPKV) {
+        kv_budget_fail(format("unknown kv_policy value %d (accepted: %d = morphkv, %d = streaming, %d = h2o, %d = snapkv)",
+                (int) params.kv_policy, LLAMA_KV_POLICY_MORPHKV, LLAMA_KV_POLICY_STREAMING, LLAMA_KV_POLICY_H2O,
+                LLAMA_KV_POLICY_SNAPKV));
+    }
+    if (params.n_seq_max > 1) {
+        kv_budget_fail(format("supports one sequence per context, got n_seq_max = %u", params.n_seq_max));
+    }
+    if (params.flash_attn_type == LLAMA_FLASH_ATTN_TYPE_DISABLED) {
+        kv_budget_fail("needs flash attention, which was explicitly disabled; enable it (or leave it on auto)");
+    }
+    for (const auto & [name, type] : { std::make_pair("type_k", params.type_k), std::make_pair("type_v", params.type_v) }) {
+        if (type != GGML_TYPE_F16 && type != GGML_TYPE_F32 && type != GGML_TYPE_BF16 && type != GGML_TYPE_Q8_0) {
+            kv_budget_fail(format("unsupported %s %s (accepted: f16, bf16, f32, q8_0)", name, ggml_type_name(type)));
+        }
+    }
+
+    kb.budget       = params.kv_budget;
+    kb.window       = params.kv_window;
+    kb.interval     = params.kv_evict_interval ? params.kv_evict_interval :
+                      kv_budget_auto_interval(params.kv_budget, cparams.n_ubatch, params.kv_policy);
+    kb.sinks        = params.kv_sinks;
+    kb.fusion       = params.kv_fusion;
+    kb.group_reduce = params.kv_group_reduce;
+    kb.granularity  = params.kv_granularity;
+    kb.policy       = params.kv_policy;
+    // after an eviction C cells are in use; one more ubatch (prefill) or S tokens (decode) must fit.
+    // SnapKV compresses once and then grows: it keeps the n_ctx allocation
+    kb.n_cells      = kb.policy == LLAMA_KV_POLICY_SNAPKV ? 0 : GGML_PAD(kb.budget + std::max(kb.interval, cparams.n_ubatch), 256);
+
+    cparams.flash_attn = true; // composite cells need the non-transposed V of the flash-attention layout
+    cparams.auto_fa    = false;
+
+    LLAMA_LOG_INFO("%s: KV budget: policy %s, %u cells kept (window %u, sinks %u), eviction every %u tokens%s, fusion %s, "
+            "group %s, granularity %s -> %u cells allocated\n", __func__, kv_policy_name(kb.policy), kb.budget, kb.window,
+            kb.sinks, kb.interval, params.kv_evict_interval ? "" : " (auto)", kv_fusion_name(kb.fusion), kv_fusion_name(kb.group_reduce),
+            kv_granularity_name(kb.granularity), kb.n_cells ? kb.n_cells : cparams.n_ctx);
+}
+
+void llama_kv_budget_check_model(const llama_model & model) {
+    const auto & hparams = model.hparams;
+    const std::string arch = model.arch_name();
+
+    const char * why = nullptr;
+    if (llm_arch_is_recurrent(model.arch)) {
+        why = "recurrent state";
+    } else if (llm_arch_is_hybrid(model.arch)) {
+        why = "hybrid recurrent/attention memory";
+    } else if (hparams.swa_type != LLAMA_SWA_TYPE_NONE || hparams.is_swa_any()) {
+        why = "sliding-window attention (iSWA cache)";
+    } else if (hparams.is_mla()) {
+        why = "multi-head latent attention (MLA)";
+    }
+    if (why) {
+        kv_budget_fail(format("not supported for architecture %s, whose memory is %s (supported: plain-KV-cache "
+                "transformers such as llama, qwen2, mistral)", arch.c_str(), why));
+    }
+}
+
+void llama_kv_budget_note_batch(llama_context * lctx, int32_t n_tokens) {
+    auto * kv = dynamic_cast<llama_kv_cache *>(lctx->get_memory());
+    if (kv && kv->budget_active()) {
+        kv->budget_note_batch(n_tokens);
+    }
+}
+
+int llama_kv_budget_decode_chunked(llama_context * lctx, const llama_batch_ext & batch, uint32_t n_ubatch) {
+    const size_t n_tokens = batch.tokens.size();
+
+    if (!batch.embd.empty()) {
+        LLAMA_LOG_ERROR("%s: with a KV budget, an embedding batch may hold at most n_ubatch = %u tokens (got %zu)\n",
+                __func__, n_ubatch, n_tokens);
+        return -1;
+    }
+    const size_t last_start = ((n_tokens - 1)/n_ubatch)*n_ubatch;
+    for (size_t i = 0; i < last_start; ++i) {
+        if (batch.tokens[i].output) {
+            LLAMA_LOG_ERROR("%s: with a KV budget, a batch larger than n_ubatch = %u may request outputs only for "
+                    "its last %zu tokens (token %zu requests one); submit at most n_ubatch tokens per decode\n",
+                    __func__, n_ubatch, n_tokens - last_start, i);
+            return -1;
+        }
+    }
+
+    for (size_t i0 = 0; i0 < n_tokens; i0 += n_ubatch) {
+        llama_batch_ext piece = batch;
+        piece.tokens.assign(batch.tokens.begin() + i0, batch.tokens.begin() + std::min(n_tokens, i0 + n_ubatch));
+        const int ret = lctx->decode(piece);
+        if (ret != 0) {
+            return ret;
+        }
+    }
+
+    return 0;
+}
+
+size_t llama_kv_budget_state::aux_bytes() const {
+    size_t total = 0;
+    for (const auto & [_, buf] : ctxs_bufs) {
+        total += ggml_backend_buffer_get_size(buf.get());
+    }
+    return total;
+}
+
+//
+// llama_kv_cache: budget members
+//
+
+void llama_kv_cache::budget_init(const llama_kv_budget_params & params) {
+    GGML_ASSERT(params.enabled());
+    GGML_ASSERT(n_stream == 1 && "a KV budget supports one stream");
+    GGML_ASSERT(!v_trans && "a KV budget needs the non-transposed V cache (flash attention)");
+    GGML_ASSERT(!other);
+
+    budget = std::make_unique<llama_kv_budget_state>();
+    auto & B = *budget;
+    B.params = params;
+
+    // one query window per layer, on the layer's buffer type, so scoring never leaves the device
+    std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_map;
+    for (const auto & layer : layers) {
+        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.k->buffer);
+        auto it = ctx_map.find(buft);
+        if (it == ctx_map.end()) {
+            ggml_init_params ip = {
+                /*.mem_size   =*/ (2*layers.size() + 1)*ggml_tensor_overhead(),
+                /*.mem_buffer =*/ NULL,
+                /*.no_alloc   =*/ true,
+            };
+            ggml_context * ctx = ggml_init(ip);
+            if (!ctx) {
+                throw std::runtime_error("failed to create ggml context for the KV budget");
+            }
+            it = ctx_map.emplace(buft, ctx).first;
+        }
+        const int64_t n_embd_q = (int64_t) hparams.n_embd_head_k(layer.il) * hparams.n_head(layer.il);
+        ggml_tensor * q = ggml_new_tensor_2d(it->second, GGML_TYPE_F32, n_embd_q, params.n_q_rows());
+        ggml_format_name(q, "kv_budget_q_win_l%d", layer.il);
+        B.q_win.push_back(q);
+
+        if (params.policy == LLAMA_KV_POLICY_H2O) {
+            ggml_tensor * a = ggml_new_tensor_2d(it->second, GGML_TYPE_F32, get_size(), hparams.n_head_kv(layer.il));
+            ggml_format_name(a, "kv_budget_acc_l%d", layer.il);
+            B.acc.push_back(a);
+        }
+
+        B.n_head_kv_max = std::max(B.n_head_kv_max, hparams.n_head_kv(layer.il));
+    }
+
+    // the kept cells of every (layer, KV head), between the eviction's two graphs: with the last layer's K,
+    // which is on the GPU whenever any layer is (partial offload keeps the first layers on the CPU)
+    const bool split_gather = params.granularity == LLAMA_KV_GRANULARITY_HEAD &&
+        params.policy != LLAMA_KV_POLICY_STREAMING && params.policy != LLAMA_KV_POLICY_H2O;
+    if (split_gather && !layers.empty()) {
+        int64_t n_rows_all = 0;
+        for (const auto & layer : layers) {
+            n_rows_all += hparams.n_head_kv(layer.il);
+        }
+        ggml_context * ctx = ctx_map.at(ggml_backend_buffer_get_type(layers.back().k->buffer));
+        B.order_sel = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, params.budget, n_rows_all);
+        ggml_set_name(B.order_sel, "kv_budget_order_sel");
+    }
+
+    for (auto & [buft, ctx] : ctx_map) {
+        ggml_backend_buffer_t buf;
+        if (hparams.no_alloc) {
+            buf = ggml_backend_buft_alloc_buffer(buft, 0);
+            for (ggml_tensor * t = ggml_get_first_tensor(ctx); t != nullptr; t = ggml_get_next_tensor(ctx, t)) {
+                t->buffer = buf;
+            }
+        } else {
+            buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft);
+        }
+        if (!buf) {
+            ggml_free(ctx);
+            throw std::runtime_error("failed to allocate the KV budget's query windows");
+        }
+        ggml_backend_buffer_clear(buf, 0);
+        B.ctxs_bufs.emplace_back(ggml_context_ptr(ctx), ggml_backend_buffer_ptr(buf));
+    }
+
+    budget_init_scores();
+
+    if (B.order_sel && !hparams.no_alloc) {
+        // the order is read back on every eviction: into pinned memory where the device offers it (a direct
+        // copy instead of one staged through a driver buffer)
+        ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(B.order_sel->buffer));
+        ggml_backend_buffer_type_t host_buft = dev ? ggml_backend_dev_host_buffer_type(dev) : nullptr;
+        if (host_buft && !ggml_backend_buft_is_host(ggml_backend_buffer_get_type(B.order_sel->buffer))) {
+            B.order_pinned.reset(ggml_backend_buft_alloc_buffer(host_buft, ggml_nbytes(B.order_sel)));
+        }
+    }
+
+    B.comp_pos.assign((size_t) layers.size()*B.n_head_kv_max*get_size(), -1);
+    B.comp_cell_pos.assign(get_size(), -1);
+    B.acc_valid.assign(get_size(), 0);
+
+    LLAMA_LOG_INFO("%s: KV budget active: %u cells, query windows %.2f MiB\n", __func__, get_size(), B.aux_bytes()/1024.0/1024.0);
+}
+
+// the reducers of the fused scoring op
+static ggml_kv_scores_reduce kv_budget_scores_reduce(llama_kv_fusion op) {
+    return op == LLAMA_KV_FUSION_MAX ? GGML_KV_SCORES_REDUCE_MAX : GGML_KV_SCORES_REDUCE_SUM;
+}
+
+void llama_kv_cache::budget_init_scores() {
+    auto & B = *budget;
+    const auto & p = B.params;
+
+    B.scores_fused.assign(layers.size(), 0);
+    B.scores_fused_all = false;
+
+    // the fused op on every layer whose K device supports it; the composed graph on the others
+    const bool h2o = p.policy == LLAMA_KV_POLICY_H2O;
+    const int64_t n_rows = p.n_q_rows();
+
+    // ask each layer's K device once, with the shapes of an eviction over the whole cache
+    ggml_init_params ip = {
+        /*.mem_size   =*/ 8*ggml_tensor_overhead(),
+        /*.mem_buffer =*/ NULL,
+        /*.no_alloc   =*/ true,
+    };
+
+    uint32_t n_fused = 0;
+    for (size_t ikv = 0; ikv < layers.size(); ++ikv) {
+        const auto & layer = layers[ikv];
+        const uint32_t il = layer.il;
+
+        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.k->buffer);
+        ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+        if (!dev && ggml_backend_buft_is_host(buft)) {
+            dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU); // the CPU buffer type names no device
+        }
+        if (!dev) {
+            continue;
+        }
+
+        ggml_context_ptr ctx_ptr { ggml_init(ip) };
+        ggml_context * ctx = ctx_ptr.get();
+        GGML_ASSERT(ctx);
+
+        const int64_t d_k   = hparams.n_embd_head_k(il);
+        const int64_t n_hkv = hparams.n_head_kv(il);
+        const int64_t n_kv  = get_size();
+
+        ggml_tensor * q = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, d_k, hparams.n_head(il), n_rows);
+        ggml_tensor * k = ggml_view_3d(ctx, layer.k, d_k, n_kv, n_hkv,
+                ggml_row_size(layer.k->type, hparams.n_embd_k_gqa(il)), ggml_row_size(layer.k->type, d_k), 0);
+        ggml_tensor * mask  = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv, n_rows);
+        ggml_tensor * row_w = h2o ? ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, n_rows) : nullptr;
+        ggml_tensor * op = ggml_kv_scores(ctx, q, k, mask, row_w, 1.0f,
+                kv_budget_scores_reduce(p.fusion), kv_budget_scores_reduce(p.group_reduce));
+
+        if (ggml_backend_dev_supports_op(dev, op)) {
+            B.scores_fused[ikv] = 1;
+            n_fused++;
+        }
+    }
+    B.scores_fused_all = !layers.empty() && n_fused == layers.size();
+
+    LLAMA_LOG_INFO("%s: KV budget scoring: fused op on %u/%zu layers%s\n", __func__, n_fused, layers.size(),
+            n_fused < layers.size() ? " (the other layers' devices lack the op: composed graph)" : "");
+}
+
+uint32_t llama_kv_cache::budget_n_head_kv(uint32_t ikv) const {
+    return hparams.n_head_kv(layers.at(ikv).il);
+}
+
+bool llama_kv_cache::budget_evict_due(bool optimize) const {
+    if (!budget) {
+        return false;
+    }
+    const auto & p = budget->params;
+    const uint32_t n_used = v_cells[0].get_used();
+    if (n_used <= p.budget) {
+        return false;
+    }
+    if (p.policy == LLAMA_KV_POLICY_SNAPKV) {
+        // once, when the prompt is done: before the first single-token batch (or when it no longer fits)
+        return !budget->compressed && (optimize || budget->n_batch_tokens == 1);
+    }
+    // optimize: a ubatch found no free slot (decode's retry path)
+    return optimize || n_used >= p.budget + p.interval;
+}
+
+bool llama_kv_cache_context::needs_graph_reserve() const {
+    // an update that only evicts changes no shape of the worst-case graph: its graphs went through the
+    // context's scheduler, but the next graph's allocation plans the compute buffer again by itself, so
+    // reserving the worst case (a ubatch-sized graph built and planned) after every eviction is host time
+    // spent on nothing
+    return do_shift || !sc_info.empty() || !do_evict;
+}
+
+llama_pos llama_kv_cache::budget_orig_pos(uint32_t ikv, uint32_t h, uint32_t i) const {
+    const auto & cells = v_cells[0];
+    if (cells.is_empty(i)) {
+        return -1;
+    }
+    const llama_pos pos = cells.pos_get(i);
+    if (budget && budget->comp_cell_pos[i] >= 0) {
+        return budget->comp_pos[((size_t) ikv*budget->n_head_kv_max + h)*get_size() + i];
+    }
+    return pos;
+}
+
+ggml_tensor * llama_kv_cache::build_input_q_idxs(ggml_context * ctx, const llama_ubatch & ubatch) const {
+    if (!budget) {
+        return nullptr;
+    }
+    const uint32_t n_keep = std::min(ubatch.n_tokens, budget->params.n_q_rows());
+    ggml_tensor * idxs = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n_keep);
+    ggml_set_input(idxs);
+    return idxs;
+}
+
+void llama_kv_cache::set_input_q_idxs(ggml_tensor * dst, const llama_ubatch * ubatch) const {
+    GGML_ASSERT(budget);
+    GGML_ASSERT(ggml_backend_buffer_is_host(dst->buffer));
+
+    int64_t * data = (int64_t *) dst->data;
+    const uint32_t n_keep = dst->ne[0];
+    const uint32_t n_rows = budget->params.n_q_rows();
+    GGML_ASSERT(n_keep <= ubatch->n_tokens);
+
+    // a sequence's positions are consecutive, so the last <= n_rows tokens land on distinct slots
+    for (uint32_t j = 0; j < n_keep; ++j) {
+        const uint32_t t = ubatch->n_tokens - n_keep + j;
+        data[j] = ubatch->pos[t] % n_rows;
+    }
+}
+
+ggml_tensor * llama_kv_cache::cpy_q(ggml_context * ctx, ggml_tensor * q_cur, ggml_tensor * q_idxs, int32_t il) const {
+    GGML_ASSERT(budget && q_idxs);
+
+    const int32_t ikv = map_layer_ids.at(il);
+    ggml_tensor * dst = budget->q_win[ikv];
+
+    const int64_t n_embd_q = q_cur->ne[0]*q_cur->ne[1];
+    const int64_t n_tokens = q_cur->ne[2];
+    const int64_t n_keep   = q_idxs->ne[0];
+    GGML_ASSERT(n_embd_q == dst->ne[0]);
+    GGML_ASSERT(n_keep <= n_tokens);
+
+    ggml_tensor * q = q_cur;
+    if (!ggml_is_contiguous(q)) {
+        q = ggml_cont(ctx, q);
+    }
+    q = ggml_view_2d(ctx, q, n_embd_q, n_keep, q->nb[2], (n_tokens - n_keep)*q->nb[2]);
+    if (q->type != GGML_TYPE_F32) {
+        q = ggml_cast(ctx, q, GGML_TYPE_F32);
+    }
+
+    return ggml_set_rows(ctx, dst, q, q_idxs);
+}
+
+namespace {
+
+// which part of an eviction a graph holds: one graph does it all, or, with the kept cells held on the
+// device between two graphs (B.order_sel), the first selects them and the second moves the rows while
+// the host rewrites the cell metadata
+enum kv_evict_graph {
+    KV_EVICT_GRAPH_ALL,    // scores, order, gather
+    KV_EVICT_GRAPH_ORDER,  // scores, order into B.order_sel
+    KV_EVICT_GRAPH_GATHER, // the gather of the cells in B.order_sel
+};
+
+// host-built inputs of the eviction graph
+class llm_graph_input_kv_budget : public llm_graph_input_i {
+public:
+    void set_input(const llama_ubatch * ubatch) override {
+        GGML_UNUSED(ubatch);
+        set(mask, mask_data);
+        set(bias, bias_data);
+        set(evictable, evictable_data);
+        set(dst, dst_data);
+        set(row_w, row_w_data);
+        set(old, old_data);
+    }
+
+    ggml_tensor * mask  = nullptr; // F32 [n_kv, n_rows]: 0 for the cells a query row scores, -inf otherwise
+    ggml_tensor * bias  = nullptr; // F32 [n_kv, 1]: 0 evictable (streaming: recency), BIG + rank protected, -inf empty
+    ggml_tensor * dst   = nullptr; // I64 [C]: destination cells of the kept rows (head granularity)
+    ggml_tensor * row_w = nullptr; // H2O: F32 [1, n_rows]: 1 for the queries since the last eviction, 0 otherwise
+    ggml_tensor * old   = nullptr; // H2O: F32 [n_kv, 1]: 1 where the accumulated score is valid, 0 for newer cells
+    ggml_tensor * evictable = nullptr; // H2O, SnapKV: F32 [n_kv, 1]: 1 evictable, 0 otherwise (protected order stays exact)
+
+    std::vector<float>   mask_data;
+    std::vector<float>   bias_data;
+    std::vector<int64_t> dst_data;
+    std::vector<float>   row_w_data;
+    std::vector<float>   old_data;
+    std::vector<float>   evictable_data;
+
+private:
+    // each graph creates only the inputs it uses
+    template <typename T>
+    static void set(ggml_tensor * t, const std::vector<T> & data) {
+        if (t && t->buffer) {
+            GGML_ASSERT(data.size()*sizeof(T) == ggml_nbytes(t));
+            ggml_backend_tensor_set(t, data.data(), 0, ggml_nbytes(t));
+        }
+    }
+};
+
+// reduce dim 0 of t ([n, ...]) with sum or max -> [1, ...]
+ggml_tensor * kv_budget_reduce_rows(ggml_context * ctx, ggml_tensor * t, llama_kv_fusion op) {
+    if (op == LLAMA_KV_FUSION_SUM) {
+        return ggml_sum_rows(ctx, t);
+    }
+    const int64_t n = t->ne[0];
+    ggml_tensor * t2 = ggml_reshape_2d(ctx, t, n, ggml_nelements(t)/n);
+    ggml_tensor * r  = ggml_pool_1d(ctx, t2, GGML_OP_POOL_MAX, (int) n, (int) n, 0);
+    return ggml_reshape_4d(ctx, r, 1, t->ne[1], t->ne[2], t->ne[3]);
+}
+
+// concatenate [n, rows_i] tensors along dim 1, pairwise (each row copied log2(count) times, not count times)
+ggml_tensor * kv_budget_concat_rows(ggml_context * ctx, std::vector<ggml_tensor *> ts) {
+    GGML_ASSERT(!ts.empty());
+    while (ts.size() > 1) {
+        std::vector<ggml_tensor *> next;
+        for (size_t i = 0; i + 1 < ts.size(); i += 2) {
+            next.push_back(ggml_concat(ctx, ts[i], ts[i + 1], 1));
+        }
+        if (ts.size() % 2) {
+            next.push_back(ts.back());
+        }
+        ts.swap(next);
+    }
+    return ts[0];
+}
+
+// the scoring graph the fused ggml_kv_scores op replaces: q [d, n_head, n_rows], k [d, n_kv, n_head_kv],
+// mask [n_kv, n_rows], row_w [1, n_rows] or null -> scores [n_kv, n_head_kv] (query head h reads KV head h/n_grp)
+ggml_tensor * kv_budget_scores_composed(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * mask,
+        ggml_tensor * row_w, float scale, llama_kv_fusion fusion, llama_kv_fusion group) {
+    const int64_t n_kv   = k->ne[1];
+    const int64_t n_hkv  = k->ne[2];
+    const int64_t n_rows = q->ne[2];
+    const int64_t n_grp  = q->ne[1]/n_hkv;
+
+    ggml_tensor * kq = ggml_mul_mat(ctx, k, ggml_permute(ctx, q, 0, 2, 1, 3)); // [n_kv, n_rows, n_head]
+    ggml_prec_set_acc(kq, GGML_PREC_F32);
+    kq = ggml_soft_max_ext(ctx, kq, mask, scale, 0.0f);
+    if (row_w) {
+        kq = ggml_mul(ctx, kq, row_w);
+    }
+
+    // fuse over the query rows, then over the query heads of each KV head
+    ggml_tensor * a = ggml_reshape_4d(ctx, kq, n_kv, n_rows, n_grp, n_hkv);
+    a = ggml_cont(ctx, ggml_transpose(ctx, a));                      // [n_rows, n_kv, n_grp, n_hkv]
+    a = kv_budget_reduce_rows(ctx, a, fusion);                       // [1, n_kv, n_grp, n_hkv]
+    if (n_grp > 1) {
+        a = ggml_reshape_3d(ctx, a, n_kv, n_grp, n_hkv);
+        a = ggml_cont(ctx, ggml_transpose(ctx, a));                  // [n_grp, n_kv, n_hkv]
+        a = kv_budget_reduce_rows(ctx, a, group);                    // [1, n_kv, n_hkv]
+    }
+    return ggml_reshape_2d(ctx, a, n_kv, n_hkv);
+}
+
+// [d, n_kv, n_head_kv] view of a layer's K or V rows (cell i of KV head h at row i, head offset d)
+ggml_tensor * kv_budget_heads_view(ggml_context * ctx, ggml_tensor * t, int64_t d, int64_t n_kv, int64_t n_hkv, int64_t n_embd_gqa) {
+    return ggml_view_3d(ctx, t, d, n_kv, n_hkv, ggml_row_size(t->type, n_embd_gqa), ggml_row_size(t->type, d), 0);
+}
+
+} // namespace
+
+// the protected cells (recent window + sinks) get scores above any attention score, increasing with
+// their position, so every head orders them identically and they land on the same cells
+static constexpr float KV_BUDGET_PROTECTED_BIAS = 1e6f;
+
+// one eviction, in stages: inputs (host), the scoring graph and the order of the cells, the read-back of
+// the order, the gather of the kept rows, the cell metadata. The policies differ in small pieces: the
+// mask of the query rows (H2O: causal, weighted), the scores of one layer (H2O accumulates, SnapKV
+// smooths, streaming has none) and whether the heads choose apart (head granularity) or together.
+struct llama_kv_budget_evict {
+    llama_kv_budget_evict(llama_kv_cache & kv, llama_context * lctx);
+
+    bool run();
+
+private:
+    void plan_cells();
+    void fill_inputs();
+    void fill_inputs_h2o();
+
+    ggml_tensor * layer_scores(ggml_context * ctx, llm_graph_input_kv_budget * inp, size_t ikv, ggml_tensor ** acc_now) const;
+    void build_order (ggml_context * ctx, ggml_cgraph * gf, llm_graph_input_kv_budget * inp, std::vector<ggml_tensor *> & layer_acc);
+    void build_gather(ggml_context * ctx, ggml_cgraph * gf, llm_graph_input_kv_budget * inp, const std::vector<ggml_tensor *> & layer_acc) const;
+    ggml_cgraph * build_graph(kv_evict_graph kind);
+    bool compute(ggml_cgraph * gf, bool wait);
+
+    void read_order();
+    void rewrite_token();
+    void rewrite_head();
+    void rewrite_layers(int iw, int n_workers, const std::vector<llama_pos> & cell_pos, llama_pos * new_pos, uint8_t & bad);
+    void log_done() const;
+
+    llama_kv_cache        & kv;
+    llama_kv_budget_state & B;
+    const llama_kv_budget_params & p;
+    llama_kv_cells        & cells;
+    llama_context         * lctx;
+
+    uint32_t  n_used, n_kv, n_keep, n_rows, n_mask_rows;
+    llama_pos pos_max;
+    bool streaming, h2o, snapkv;
+    bool per_head; // every KV head keeps its own cells (composite cells); else cells are freed for all heads
+    bool split;    // per head in two graphs: the device gathers while the host rewrites the metadata
+
+    std::vector<std::pair<llama_pos, uint32_t>> prot; // protected cells (pos, cell), oldest first
+    std::vector<float> row;                           // mask row of MorphKV/SnapKV: 0 evictable, -inf otherwise
+    std::vector<size_t> row_off;                      // per head: each layer's first row of the order
+
+    std::unique_ptr<llm_graph_input_kv_budget> inp_host; // taken by the graph that gathers
+    ggml_tensor * order_all   = nullptr; // per head, one graph: I32 [n_kv, rows of all layers]
+    ggml_tensor * total_order = nullptr; // per token: I32 [n_kv, 1]
+
+    const int32_t * orders_host = nullptr; // per head: the kept cells of every (layer, KV head), row by row
+    size_t order_stride = 0;
+
+    int64_t t_prev_us = 0, t_start_us = 0, t_inputs_us = 0, t_order_us = 0, t_read_us = 0, t_gather_us = 0, t_meta_us = 0, t_wait_us = 0;
+};
+
+llama_kv_budget_evict::llama_kv_budget_evict(llama_kv_cache & kv, llama_context * lctx) :
+        kv(kv), B(*kv.budget), p(kv.budget->params), cells(kv.v_cells[0]), lctx(lctx) {
+    // the previous ubatch's graph may still run: wait for it here, so that the stages time the eviction alone
+    t_start_us = ggml_time_us();
+    ggml_backend_sched_synchronize(lctx->get_sched());
+    t_prev_us  = ggml_time_us() - t_start_us;
+    t_start_us += t_prev_us;
+
+    n_used  = cells.get_used();
+    n_kv    = cells.used_max_p1();
+    n_keep  = p.budget;
+    n_rows  = p.n_q_rows();
+    pos_max = cells.seq_pos_max(0);
+
+    streaming = p.policy == LLAMA_KV_POLICY_STREAMING;
+    h2o       = p.policy == LLAMA_KV_POLICY_H2O;
+    snapkv    = p.policy == LLAMA_KV_POLICY_SNAPKV;
+    // streaming keeps the same tokens in every head: freeing cells is enough
+    per_head  = p.granularity == LLAMA_KV_GRANULARITY_HEAD && !streaming;
+    // H2O's accumulated scores, which move with the cells, exist only inside one graph
+    split     = per_head && B.order_sel != nullptr;
+    GGML_ASSERT(!split || !h2o);
+    // MorphKV, SnapKV: every query row sees the same cells, and the fused op takes one mask row for all
+    n_mask_rows = !h2o && B.scores_fused_all ? 1 : n_rows;
+
+    row_off.assign(kv.layers.size() + 1, 0);
+    for (size_t ikv = 0; ikv < kv.layers.size(); ++ikv) {
+        row_off[ikv + 1] = row_off[ikv] + kv.hparams.n_head_kv(kv.layers[ikv].il);
+    }
+}
+
+bool llama_kv_budget_evict::run() {
+    if (!B.warned_train_ctx && pos_max >= (llama_pos) kv.hparams.n_ctx_train) {
+        LLAMA_LOG_WARN("%s: position %d is past the model's trained context (%u): quality may degrade\n",
+                __func__, pos_max, kv.hparams.n_ctx_train);
+        B.warned_train_ctx = true;
+    }
+
+    plan_cells();
+    fill_inputs();
+    int64_t t0 = ggml_time_us();
+    t_inputs_us = t0 - t_start_us;
+
+    if (split) {
+        // the order first; then the device gathers while the metadata is rewritten below
+        if (!compute(build_graph(KV_EVICT_GRAPH_ORDER), true)) {
+            return false;
+        }
+        const int64_t t1 = ggml_time_us();
+        read_order();
+        const int64_t t2 = ggml_time_us();
+        if (!compute(build_graph(KV_EVICT_GRAPH_GATHER), false)) {
+            return false;
+        }
+        t_order_us  = t1 - t0;
+        t_read_us   = t2 - t1;
+        t_gather_us = ggml_time_us() - t2;
+    } else {
+        if (!compute(build_graph(KV_EVICT_GRAPH_ALL), true)) {
+            return false;
+        }
+        const int64_t t1 = ggml_time_us();
+        read_order();
+        t_gather_us = t1 - t0;
+        t_read_us   = ggml_time_us() - t1;
+    }
+    const int64_t t1 = ggml_time_us();
+
+    if (per_head) {
+        rewrite_head();
+    } else {
+        rewrite_token();
+    }
+    t0 = ggml_time_us();
+    t_meta_us = t0 - t1;
+
+    if (split) {
+        ggml_backend_sched_synchronize(lctx->get_sched()); // the gather (the next graph may reuse its buffers)
+    }
+    t_wait_us = ggml_time_us() - t0;
+
+    B.n_evictions++;
+    B.last_evict_pos_max = pos_max;
+    B.compressed = true;
+    B.t_evict_us += ggml_time_us() - t_start_us;
+
+    log_done();
+    return true;
+}
+
+// classify the cells: empty, protected (recent window, sinks) or evictable
+void llama_kv_budget_evict::plan_cells() {
+    const float ninf = -std::numeric_limits<float>::infinity();
+
+    inp_host = std::make_unique<llm_graph_input_kv_budget>();
+    auto & bias = inp_host->bias_data;
+
+    row.assign(n_kv, 0.0f);
+    bias.assign(n_kv, 0.0f);
+    for (uint32_t i = 0; i < n_kv; ++i) {
+        if (cells.is_empty(i)) {
+            row[i]  = ninf;
+            bias[i] = ninf;
+            continue;
+        }
+        const llama_pos pos = cells.pos_get(i);
+        const bool composite = B.comp_cell_pos[i] >= 0;
+        if (!composite && (pos > pos_max - (llama_pos) p.window || pos < (llama_pos) p.sinks)) {
+            row[i] = ninf;
+            prot.emplace_back(pos, i);
+        } else if (streaming) {
+            bias[i] = (float) (pos + 1)/(float) (pos_max + 2); // the most recent first
+        }
+    }
+    std::sort(prot.begin(), prot.end());
+    GGML_ASSERT(prot.size() < n_keep); // configure: budget > window + sinks
+    for (uint32_t r = 0; r < prot.size(); ++r) {
+        bias[prot[r].second] = KV_BUDGET_PROTECTED_BIAS + (float) r;
+    }
+}
+
+void llama_kv_budget_evict::fill_inputs() {
+    auto & inp = *inp_host;
+
+    if (h2o) {
+        fill_inputs_h2o();
+    } else {
+        // MorphKV, SnapKV: softmax of every window query over the evictable cells
+        inp.mask_data.resize((size_t) n_kv*n_mask_rows);
+        for (uint32_t r = 0; r < n_mask_rows; ++r) {
+            std::copy(row.begin(), row.end(), inp.mask_data.begin() + (size_t) r*n_kv);
+        }
+    }
+    if (h2o || snapkv) {
+        inp.evictable_data.resize(n_kv);
+        for (uint32_t i = 0; i < n_kv; ++i) {
+            inp.evictable_data[i] = std::isinf(row[i]) ? 0.0f : 1.0f;
+        }
+    }
+    if (per_head) {
+        inp.dst_data.resize(n_keep);
+        for (uint32_t r = 0; r < n_keep; ++r) {
+            inp.dst_data[r] = r;
+        }
+    }
+}
+
+// H2O: every query since the last eviction adds its attention (causal, over all cells); ring slot r holds
+// the newest position p with p % n_rows == r
+void llama_kv_budget_evict::fill_inputs_h2o() {
+    auto & inp = *inp_host;
+    const float ninf = -std::numeric_limits<float>::infinity();
+
+    inp.mask_data.resize((size_t) n_kv*n_rows);
+    inp.row_w_data.assign(n_rows, 0.0f);
+    inp.old_data.resize(n_kv);
+    for (uint32_t i = 0; i < n_kv; ++i) {
+        inp.old_data[i] = B.acc_valid[i] ? 1.0f : 0.0f;
+    }
+    for (uint32_t r = 0; r < n_rows; ++r) {
+        const llama_pos p_r = pos_max - (llama_pos) ((pos_max % n_rows + n_rows - r) % n_rows);
+        const bool counted  = p_r >= 0 && p_r > B.last_evict_pos_max;
+        inp.row_w_data[r]   = counted ? 1.0f : 0.0f;
+        float * m = inp.mask_data.data() + (size_t) r*n_kv;
+        for (uint32_t i = 0; i < n_kv; ++i) {
+            // rows not counted still need a finite softmax: they see every live cell
+            m[i] = !cells.is_empty(i) && (!counted || cells.pos_get(i) <= p_r) ? 0.0f : ninf;
+        }
+    }
+}
+
+// the scores [n_kv, n_head_kv] of one layer's cells; *acc_now: H2O's accumulated scores, which move with
+// the cells (before the protected cells are zeroed)
+ggml_tensor * llama_kv_budget_evict::layer_scores(ggml_context * ctx, llm_graph_input_kv_budget * inp, size_t ikv,
+        ggml_tensor ** acc_now) const {
+    const auto & hparams = kv.hparams;
+    const auto & layer = kv.layers[ikv];
+    const uint32_t il = layer.il;
+
+    const int64_t d_k   = hparams.n_embd_head_k(il);
+    const int64_t n_h   = hparams.n_head(il);
+    const int64_t n_hkv = hparams.n_head_kv(il);
+    GGML_ASSERT(n_h % n_hkv == 0);
+
+    // [d, n_head, n_rows] queries (the ring) and [d, n_kv, n_head_kv] keys (query head h reads KV head h/n_grp)
+    ggml_tensor * q = ggml_view_3d(ctx, B.q_win[ikv], d_k, n_h, n_rows,
+            ggml_row_size(GGML_TYPE_F32, d_k), B.q_win[ikv]->nb[1], 0);
+    ggml_tensor * k = kv_budget_heads_view(ctx, layer.k, d_k, n_kv, n_hkv, hparams.n_embd_k_gqa(il));
+
+    // softmax of every query row over the cells, fused over the rows (H2O: the weighted sum of the queries
+    // since the last eviction), then over the query heads of each KV head
+    const float kq_scale = 1.0f/sqrtf((float) d_k);
+    const llama_kv_fusion fusion = h2o ? LLAMA_KV_FUSION_SUM : p.fusion;
+    const llama_kv_fusion group  = h2o ? LLAMA_KV_FUSION_SUM : p.group_reduce;
+    ggml_tensor * row_w = h2o ? inp->row_w : nullptr;
+
+    ggml_tensor * scores = B.scores_fused[ikv]
+        ? ggml_kv_scores(ctx, q, k, inp->mask, row_w, kq_scale,
+                kv_budget_scores_reduce(fusion), kv_budget_scores_reduce(group))
+        : kv_budget_scores_composed(ctx, q, k, inp->mask, row_w, kq_scale, fusion, group);
+
+    if (h2o) {
+        // the scores accumulated before (valid cells only) + the attention since
+        ggml_tensor * acc_view = ggml_view_2d(ctx, B.acc[ikv], n_kv, n_hkv, B.acc[ikv]->nb[1], 0);
+        scores = ggml_add(ctx, ggml_mul(ctx, acc_view, inp->old), scores);
+    }
+    if (snapkv) {
+        // SnapKV's smoothing: max over 5 neighbouring cells (position order for a prompt in an empty cache)
+        scores = ggml_pool_1d(ctx, scores, GGML_OP_POOL_MAX, 5, 1, 2);
+    }
+    *acc_now = scores;
+    if (h2o || snapkv) {
+        scores = ggml_mul(ctx, scores, inp->evictable); // protected cells: only their bias orders them
+    }
+    return scores;
+}
+
+// the order of the cells: per head one argsort over every layer's rows (one launch, one copy back), per
+// token one over the scores summed over layers and heads; streaming orders by the bias alone
+void llama_kv_budget_evict::build_order(ggml_context * ctx, ggml_cgraph * gf, llm_graph_input_kv_budget * inp,
+        std::vector<ggml_tensor *> & layer_acc) {
+    std::vector<ggml_tensor *> per_layer; // per head: [n_kv, n_hkv] per layer
+    ggml_tensor * total = nullptr;        // per token: [n_kv, 1]
+
+    for (size_t ikv = 0; ikv < (streaming ? 0 : kv.layers.size()); ++ikv) {
+        ggml_tensor * acc_now = nullptr;
+        ggml_tensor * scores  = layer_scores(ctx, inp, ikv, &acc_now);
+        if (per_head) {
+            per_layer.push_back(ggml_is_contiguous(scores) ? scores : ggml_cont(ctx, scores));
+            layer_acc[ikv] = acc_now;
+            continue;
+        }
+        if (h2o) {
+            // cells stay where they are: the accumulated scores too
+            ggml_tensor * acc_view = ggml_view_2d(ctx, B.acc[ikv], n_kv, scores->ne[1], B.acc[ikv]->nb[1], 0);
+            ggml_build_forward_expand(gf, ggml_cpy(ctx, acc_now, acc_view));
+        }
+        ggml_tensor * s = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_transpose(ctx, scores))); // [1, n_kv]
+        s = ggml_reshape_2d(ctx, s, n_kv, 1);
+        total = total ? ggml_add(ctx, total, s) : s;
+    }
+
+    if (!per_head) {
+        total = total ? ggml_add(ctx, total, inp->bias) : inp->bias;
+        total_order = ggml_argsort(ctx, total, GGML_SORT_ORDER_DESC);
+        ggml_set_output(total_order);
+        ggml_build_forward_expand(gf, total_order);
+        return;
+    }
+
+    order_all = ggml_argsort(ctx, ggml_add(ctx, kv_budget_concat_rows(ctx, per_layer), inp->bias), GGML_SORT_ORDER_DESC);
+    if (split) {
+        // the kept cells stay on the device for the gather graph (and are read back from there)
+        ggml_build_forward_expand(gf, ggml_cpy(ctx,
+                ggml_view_2d(ctx, order_all, n_keep, order_all->ne[1], order_all->nb[1], 0), B.order_sel));
+    } else {
+        ggml_set_output(order_all);
+        ggml_build_forward_expand(gf, order_all);
+    }
+}
+
+// every head's kept K/V rows (and H2O's accumulated scores) written to cells [0, C): composite cells
+void llama_kv_budget_evict::build_gather(ggml_context * ctx, ggml_cgraph * gf, llm_graph_input_kv_budget * inp,
+        const std::vector<ggml_tensor *> & layer_acc) const {
+    const auto & hparams = kv.hparams;
+    const int64_t kv_size = kv.get_size();
+    ggml_tensor * order = split ? B.order_sel : order_all;
+
+    for (size_t ikv = 0; ikv < kv.layers.size(); ++ikv) {
+        const auto & layer = kv.layers[ikv];
+        const uint32_t il = layer.il;
+
+        const int64_t d_k   = hparams.n_embd_head_k(il);
+        const int64_t d_v   = hparams.n_embd_head_v(il);
+        const int64_t n_hkv = hparams.n_head_kv(il);
+
+        ggml_tensor * sel = ggml_view_2d(ctx, order, n_keep, n_hkv, order->nb[1], row_off[ikv]*order->nb[1]);
+
+        ggml_tensor * k_kept = ggml_get_rows(ctx, kv_budget_heads_view(ctx, layer.k, d_k, n_kv, n_hkv, hparams.n_embd_k_gqa(il)), sel);
+        ggml_tensor * k_dst  = kv_budget_heads_view(ctx, layer.k, d_k, kv_size, n_hkv, hparams.n_embd_k_gqa(il));
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, k_dst, k_kept, inp->dst));
+
+        ggml_tensor * v_kept = ggml_get_rows(ctx, kv_budget_heads_view(ctx, layer.v, d_v, n_kv, n_hkv, hparams.n_embd_v_gqa(il)), sel);
+        ggml_tensor * v_dst  = kv_budget_heads_view(ctx, layer.v, d_v, kv_size, n_hkv, hparams.n_embd_v_gqa(il));
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, v_dst, v_kept, inp->dst));
+
+        if (h2o) {
+            // the accumulated scores move with their tokens
+            ggml_tensor * a_kept = ggml_get_rows(ctx, ggml_reshape_3d(ctx, layer_acc[ikv], 1, n_kv, n_hkv), sel);
+            ggml_tensor * a_dst  = ggml_view_3d(ctx, B.acc[ikv], 1, kv_size, n_hkv,
+                    ggml_element_size(B.acc[ikv]), B.acc[ikv]->nb[1], 0);
+            ggml_build_forward_expand(gf, ggml_set_rows(ctx, a_dst, a_kept, inp->dst));
+        }
+    }
+}
+
+// an eviction graph, the K-shift pattern: the reserve graph result, the context's scheduler
+ggml_cgraph * llama_kv_budget_evict::build_graph(kv_evict_graph kind) {
+    auto * sched = lctx->get_sched();
+    auto * res   = lctx->get_gf_res_reserve();
+    ggml_backend_sched_reset(sched);
+    res->reset();
+
+    auto * ctx = res->get_ctx();
+    auto * gf  = res->get_gf();
+
+    // the graph that gathers is the eviction's last: it takes the host data; one before it takes a copy
+    const bool order  = kind != KV_EVICT_GRAPH_GATHER;
+    const bool gather = kind != KV_EVICT_GRAPH_ORDER;
+    auto inp = gather ? std::move(inp_host) : std::make_unique<llm_graph_input_kv_budget>(*inp_host);
+
+    // each graph creates only its own inputs: ggml-cuda keys its CUDA graphs by the first node's address,
+    // which then differs between the two graphs of a split eviction (alike, they would never be replayed)
+    auto new_input = [&](ggml_tensor *& t, int64_t ne0, int64_t ne1, ggml_type type) {
+        t = ggml_new_tensor_2d(ctx, type, ne0, ne1);
+        ggml_set_input(t);
+    };
+    if (order && !streaming) {
+        new_input(inp->mask, n_kv, n_mask_rows, GGML_TYPE_F32);
+    }
+    if (order && (h2o || snapkv)) {
+        new_input(inp->evictable, n_kv, 1, GGML_TYPE_F32);
+    }
+    if (order && h2o) {
+        new_input(inp->row_w, 1, n_rows, GGML_TYPE_F32);
+        new_input(inp->old, n_kv, 1, GGML_TYPE_F32);
+    }
+    if (order) {
+        new_input(inp->bias, n_kv, 1, GGML_TYPE_F32);
+    }
+    if (per_head && gather) {
+        inp->dst = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n_keep);
+        ggml_set_input(inp->dst);
+    }
+
+    std::vector<ggml_tensor *> layer_acc(kv.layers.size(), nullptr);
+    if (order) {
+        build_order(ctx, gf, inp.get(), layer_acc);
+    }
+    if (per_head && gather) {
+        build_gather(ctx, gf, inp.get(), layer_acc);
+    }
+
+    res->add_input(std::move(inp));
+
+    if (!ggml_backend_sched_alloc_graph(sched, gf)) {
+        LLAMA_LOG_ERROR("%s: failed to allocate the eviction graph\n", __func__);
+        return nullptr;
+    }
+    res->set_inputs(nullptr);
+    return gf;
+}
+
+// wait = false: the graph may still run on the device when this returns
+bool llama_kv_budget_evict::compute(ggml_cgraph * gf, bool wait) {
+    if (!gf || lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
+        LLAMA_LOG_ERROR("%s: failed to compute the eviction graph\n", __func__);
+        return false;
+    }
+    if (wait) {
+        ggml_backend_sched_synchronize(lctx->get_sched());
+    }
+    return true;
+}
+
+// per head: the kept cells of every (layer, KV head) on the host; split, from the device's B.order_sel
+// (into pinned memory where the device has it), else the one graph's full order
+void llama_kv_budget_evict::read_order() {
+    if (!per_head) {
+        return;
+    }
+    if (!split) {
+        B.order_host.resize((size_t) n_kv*row_off.back());
+        ggml_backend_tensor_get(order_all, B.order_host.data(), 0, B.order_host.size()*sizeof(int32_t));
+        orders_host  = B.order_host.data();
+        order_stride = n_kv;
+        return;
+    }
+    int32_t * dst = B.order_pinned ? (int32_t *) ggml_backend_buffer_get_base(B.order_pinned.get()) : nullptr;
+    if (!dst) {
+        B.order_host.resize(ggml_nelements(B.order_sel));
+        dst = B.order_host.data();
+    }
+    ggml_backend_tensor_get(B.order_sel, dst, 0, ggml_nbytes(B.order_sel));
+    orders_host  = dst;
+    order_stride = n_keep;
+}
+
+// per token: the cells outside the top C are freed; the kept ones stay where they are
+void llama_kv_budget_evict::rewrite_token() {
+    std::vector<int32_t> order(n_kv);
+    ggml_backend_tensor_get(total_order, order.data(), 0, n_kv*sizeof(int32_t));
+    std::vector<bool> keep(n_kv, false);
+    for (uint32_t r = 0; r < n_keep; ++r) {
+        keep[order[r]] = true;
+    }
+    for (uint32_t i = 0; i < n_kv; ++i) {
+        if (!keep[i] && !cells.is_empty(i)) {
+            cells.rm(i);
+            B.comp_cell_pos[i] = -1;
+        }
+        B.acc_valid[i] = keep[i];
+    }
+    B.n_evicted += n_used - n_keep;
+    kv.v_heads[0] = 0;
+}
+
+// per head: cells [0, C) become composite cells; each (layer, KV head) records the original position of
+// the token it keeps in each of them, and a cell takes the newest of those as its own position
+void llama_kv_budget_evict::rewrite_head() {
+    const auto & hparams = kv.hparams;
+
+    // the new per-head positions are written into a scratch table that is then swapped in, so that every head
+    // reads the old table; a cell's original position is, per head, its composite position or else its own
+    // (cell_pos: -1 empty, -2 composite)
+    B.comp_pos_next.resize(B.comp_pos.size());
+    std::vector<llama_pos> cell_pos(n_kv);
+    for (uint32_t i = 0; i < n_kv; ++i) {
+        cell_pos[i] = cells.is_empty(i) ? -1 : B.comp_cell_pos[i] >= 0 ? -2 : cells.pos_get(i);
+    }
+
+    // the layers are independent (C x n_head_kv entries each): on large caches they are split over a few of the
+    // context's threads (each with its own maximum of the new cell positions, merged below); more threads cost
+    // more to start than they save at these sizes
+    const size_t n_entries = kv.layers.size()*B.n_head_kv_max*n_keep;
+    const int n_workers = n_entries < 65536 ? 1 : (int) std::max<uint32_t>(1, std::min<uint32_t>(
+            { lctx->n_threads(), 4u, (uint32_t) kv.layers.size() }));
+    std::vector<std::vector<llama_pos>> new_pos_w(n_workers, std::vector<llama_pos>(n_keep, -1));
+    std::vector<uint8_t> bad_w(n_workers, 0);
+    {
+        std::vector<std::thread> workers;
+        for (int iw = 1; iw < n_workers; ++iw) {
+            workers.emplace_back([&, iw] { rewrite_layers(iw, n_workers, cell_pos, new_pos_w[iw].data(), bad_w[iw]); });
+        }
+        rewrite_layers(0, n_workers, cell_pos, new_pos_w[0].data(), bad_w[0]);
+        for (auto & w : workers) {
+            w.join();
+        }
+    }
+    for (int iw = 0; iw < n_workers; ++iw) {
+        GGML_ASSERT(!bad_w[iw] && "the eviction selected an empty cell or placed the protected cells apart");
+    }
+    std::vector<llama_pos> & new_pos = new_pos_w[0];
+    for (int iw = 1; iw < n_workers; ++iw) {
+        for (uint32_t r = 0; r < n_keep; ++r) {
+            new_pos[r] = std::max(new_pos[r], new_pos_w[iw][r]);
+        }
+    }
+    for (const auto & layer : kv.layers) {
+        B.n_evicted += (uint64_t) (n_used - n_keep)*hparams.n_head_kv(layer.il);
+    }
+
+    // every cell below n_kv is rewritten and none above is used: start from empty cells
+    const uint32_t n_prot = prot.size();
+    cells.reset();
+    std::fill(B.comp_cell_pos.begin(), B.comp_cell_pos.end(), -1);
+    for (uint32_t r = 0; r < n_keep; ++r) {
+        cells.pos_set(r, new_pos[r]);
+        cells.seq_add(r, 0);
+        if (r >= n_prot) {
+            B.comp_cell_pos[r] = new_pos[r];
+        }
+    }
+    B.comp_pos.swap(B.comp_pos_next);
+    std::fill(B.acc_valid.begin(), B.acc_valid.end(), 0);
+    std::fill(B.acc_valid.begin(), B.acc_valid.begin() + n_keep, 1);
+    kv.v_heads[0] = n_keep;
+}
+
+// the layers iw, iw + n_workers, ... of rewrite_head: their rows of the new position table; new_pos: the
+// newest original position per new cell; bad: an empty cell was selected or the protected cells moved
+void llama_kv_budget_evict::rewrite_layers(int iw, int n_workers, const std::vector<llama_pos> & cell_pos,
+        llama_pos * new_pos, uint8_t & bad) {
+    const size_t   n_hkv_max = B.n_head_kv_max;
+    const uint32_t kv_size   = kv.get_size();
+    const uint32_t n_prot    = prot.size();
+
+    for (size_t ikv = iw; ikv < kv.layers.size(); ikv += n_workers) {
+        const uint32_t n_hkv = kv.hparams.n_head_kv(kv.layers[ikv].il);
+        const int32_t * order = orders_host + row_off[ikv]*order_stride;
+
+        for (uint32_t h = 0; h < n_hkv_max; ++h) {
+            llama_pos * comp_new = B.comp_pos_next.data() + ((size_t) ikv*n_hkv_max + h)*kv_size;
+            if (h >= n_hkv) {
+                std::fill(comp_new, comp_new + kv_size, -1);
+                continue;
+            }
+            const int32_t   * sel      = order + (size_t) h*order_stride;
+            const llama_pos * comp_old = B.comp_pos.data() + ((size_t) ikv*n_hkv_max + h)*kv_size;
+            for (uint32_t r = 0; r < n_prot; ++r) {
+                // every head places the protected cells identically (ordered by their bias)
+                bad |= sel[r] != (int32_t) prot[n_prot - 1 - r].second;
+            }
+            llama_pos orig_min = 0;
+            for (uint32_t r = 0; r < n_keep; ++r) {
+                const uint32_t  j    = sel[r];
+                const llama_pos cp   = cell_pos[j];
+                const llama_pos orig = cp == -2 ? comp_old[j] : cp;
+                orig_min    = std::min(orig_min, orig);
+                comp_new[r] = orig;
+                new_pos[r]  = std::max(new_pos[r], orig);
+            }
+            bad |= orig_min < 0; // an empty cell was selected
+            std::fill(comp_new + n_keep, comp_new + kv_size, -1);
+        }
+    }
+}
+
+// one line per eviction at debug level (-v): the total, then the stages (split: the gather overlaps the
+// metadata rewrite, and "wait" is what is left of it; one graph: "gather" holds the whole graph), and the
+// wait for the previous ubatch's graph before it (not part of the total)
+void llama_kv_budget_evict::log_done() const {
+    const int64_t t_total_us = ggml_time_us() - t_start_us;
+    LLAMA_LOG_DEBUG("%s: eviction %u: %u -> %u cells (%zu protected), pos_max = %d, %.3f ms (inputs %.3f, order %.3f, "
+            "read-back %.3f, gather %.3f, metadata %.3f, wait %.3f ms; %zu layers, %s; previous graph %.3f ms)\n", "budget_evict",
+            B.n_evictions, n_used, cells.get_used(), prot.size(), pos_max, t_total_us/1000.0,
+            t_inputs_us/1000.0, t_order_us/1000.0, t_read_us/1000.0, t_gather_us/1000.0, t_meta_us/1000.0,
+            t_wait_us/1000.0, kv.layers.size(), split ? "two graphs" : "one graph", t_prev_us/1000.0);
+}
+
+bool llama_kv_cache::budget_evict(llama_context * lctx) {
+    GGML_ASSERT(budget);
+    if (v_cells[0].get_used() <= budget->params.budget) {
+        return false;
+    }
+    llama_kv_budget_evict ev(*this, lctx);
+    return ev.run();
+}
+
+//
+// position edits and session state
+//
+
+bool llama_kv_cache::budget_seq_rm_ok(llama_pos p0, llama_pos p1) const {
+    GGML_ASSERT(budget);
+    const auto & B = *budget;
+
+    // nothing evicted yet, everything removed, or only tokens decoded after the last eviction (ordinary
+    // cells: composite cells are placed at the newest position they hold, which is older than them)
+    if (B.last_evict_pos_max < 0 || (p0 <= 0 && p1 == std::numeric_limits<llama_pos>::max()) || p0 > B.last_evict_pos_max) {
+        return true;
+    }
+    LLAMA_LOG_DEBUG("%s: cannot remove positions [%d, %d) from a budgeted cache: an eviction at position %d "
+            "dropped or regrouped older tokens (removable: positions > %d, or all)\n", __func__, p0, p1,
+            B.last_evict_pos_max, B.last_evict_pos_max);
+    return false;
+}
+
+void llama_kv_cache::budget_reset() {
+    GGML_ASSERT(budget);
+    std::fill(budget->comp_cell_pos.begin(), budget->comp_cell_pos.end(), -1);
+    std::fill(budget->acc_valid.begin(), budget->acc_valid.end(), 0);
+    budget->last_evict_pos_max = -1;
+    budget->compressed = false;
+}
+
+void llama_kv_cache::budget_on_new_token(uint32_t idx) {
+    budget->comp_cell_pos[idx] = -1;
+    budget->acc_valid[idx]     = 0;
+}
+
+static constexpr uint32_t KV_BUDGET_STATE_MAGIC   = 0x424b564d; // "MVKB"
+static constexpr uint32_t KV_BUDGET_STATE_VERSION = 1;
+
+void llama_kv_cache::budget_state_write_header(llama_io_write_i & io) const {
+    const auto & B = *budget;
+    const uint32_t hdr[6] = {
+        KV_BUDGET_STATE_MAGIC, KV_BUDGET_STATE_VERSION, B.params.window,
+        (uint32_t) B.q_win.size(), (uint32_t) (B.q_win.empty() ? 0 : B.q_win[0]->ne[1]), B.n_head_kv_max,
+    };
+    io.write(hdr, sizeof(hdr));
+}
+
+void llama_kv_cache::budget_state_read_header(llama_io_read_i & io) {
+    const auto & B = *budget;
+    uint32_t hdr[6];
+    io.read(hdr, sizeof(hdr));
+    if (hdr[0] != KV_BUDGET_STATE_MAGIC) {
+        throw std::runtime_error("kv_budget: this state was saved by a context without a KV budget; "
+                "load it into a context without kv_budget");
+    }
+    if (hdr[1] != KV_BUDGET_STATE_VERSION) {
+        throw std::runtime_error(format("kv_budget: state format %u, this build reads format %u", hdr[1], KV_BUDGET_STATE_VERSION));
+    }
+    const uint32_t rows = B.q_win.empty() ? 0 : B.q_win[0]->ne[1];
+    if (hdr[2] != B.params.window || hdr[3] != B.q_win.size() || hdr[4] != rows || hdr[5] != B.n_head_kv_max) {
+        throw std::runtime_error(format("kv_budget: the state was saved with kv_window %u, %u layers, %u query rows, %u KV heads; "
+                "this context has kv_window %u, %zu layers, %u query rows, %u KV heads", hdr[2], hdr[3], hdr[4], hdr[5],
+                B.params.window, B.q_win.size(), rows, B.n_head_kv_max));
+    }
+}
+
+void llama_kv_cache::budget_state_write_extra(llama_io_write_i & io, llama_seq_id seq_id) const {
+    const auto & B = *budget;
+    const auto & cells = v_cells[0];
+    const size_t kv_size = get_size();
+
+    // the cells state_write saved, in its order
+    std::vector<uint32_t> idxs;
+    for (uint32_t i = 0; i < cells.size(); ++i) {
+        if (!cells.is_empty(i) && (seq_id == -1 || cells.seq_has(i, seq_id))) {
+            idxs.push_back(i);
+        }
+    }
+    const uint32_t n = idxs.size();
+
+    io.write(&B.n_evictions,        sizeof(B.n_evictions));
+    io.write(&B.n_evicted,          sizeof(B.n_evicted));
+    io.write(&B.last_evict_pos_max, sizeof(B.last_evict_pos_max));
+    io.write(&n,                    sizeof(n));
+
+    std::vector<llama_pos> buf(n);
+    for (uint32_t k = 0; k < n; ++k) {
+        buf[k] = B.comp_cell_pos[idxs[k]];
+    }
+    io.write(buf.data(), n*sizeof(llama_pos));
+    for (size_t lh = 0; lh < B.q_win.size()*B.n_head_kv_max; ++lh) {
+        for (uint32_t k = 0; k < n; ++k) {
+            buf[k] = B.comp_pos[lh*kv_size + idxs[k]];
+        }
+        io.write(buf.data(), n*sizeof(llama_pos));
+    }
+
+    for (ggml_tensor * q : B.q_win) {
+        io.write_tensor(q, 0, ggml_nbytes(q));
+    }
+
+    // H2O's accumulated scores, per saved cell
+    const uint8_t compressed = B.compressed;
+    io.write(&compressed, sizeof(compressed));
+    std::vector<uint8_t> valid(n);
+    for (uint32_t k = 0; k < n; ++k) {
+        valid[k] = B.acc_valid[idxs[k]];
+    }
+    io.write(valid.data(), n);
+    std::vector<float> acc_all, acc_saved(n);
+    for (ggml_tensor * a : B.acc) {
+        acc_all.resize(ggml_nelements(a));
+        ggml_backend_tensor_get(a, acc_all.data(), 0, ggml_nbytes(a));
+        for (int64_t h = 0; h < a->ne[1]; ++h) {
+            for (uint32_t k = 0; k < n; ++k) {
+                acc_saved[k] = acc_all[h*kv_size + idxs[k]];
+            }
+            io.write(acc_saved.data(), n*sizeof(float));
+        }
+    }
+}
+
+void llama_kv_cache::budget_state_read_extra(llama_io_read_i & io, const slot_info & sinfo) {
+    auto & B = *budget;
+    const size_t kv_size = get_size();
+
+    uint32_t n = 0;
+    io.read(&B.n_evictions,        sizeof(B.n_evictions));
+    io.read(&B.n_evicted,          sizeof(B.n_evicted));
+    io.read(&B.last_evict_pos_max, sizeof(B.last_evict_pos_max));
+    io.read(&n,                    sizeof(n));
+
+    const uint32_t n_placed = sinfo.idxs.empty() ? 0 : sinfo.idxs[0].size();
+    if (n != n_placed) {
+        throw std::runtime_error(format("kv_budget: the state describes %u cells, %u were restored", n, n_placed));
+    }
+
+    std::vector<llama_pos> buf(n);
+    io.read(buf.data(), n*sizeof(llama_pos));
+    for (uint32_t k = 0; k < n; ++k) {
+        B.comp_cell_pos[sinfo.idxs[0][k]] = buf[k];
+    }
+    for (size_t lh = 0; lh < B.q_win.size()*B.n_head_kv_max; ++lh) {
+        io.read(buf.data(), n*sizeof(llama_pos));
+        for (uint32_t k = 0; k < n; ++k) {
+            B.comp_pos[lh*kv_size + sinfo.idxs[0][k]] = buf[k];
+        }
+    }
+
+    for (ggml_tensor * q : B.q_win) {
+        io.read_tensor(q, 0, ggml_nbytes(q));
+    }
+
+    uint8_t compressed = 0;
+    io.read(&compressed, sizeof(compressed));
+    B.compressed = compressed;
+    std::vector<uint8_t> valid(n);
+    io.read(valid.data(), n);
+    for (uint32_t k = 0; k < n; ++k) {
+        B.acc_valid[sinfo.idxs[0][k]] = valid[k];
+    }
+    std::vector<float> acc_all, acc_saved(n);
+    for (ggml_tensor * a : B.acc) {
+        acc_all.assign(ggml_nelements(a), 0.0f);
+        for (int64_t h = 0; h < a->ne[1]; ++h) {
+            io.read(acc_saved.data(), n*sizeof(float));
+            for (uint32_t k = 0; k < n; ++k) {
+                acc_all[h*kv_size + sinfo.idxs[0][k]] = acc_saved[k];
+            }
+        }
+        ggml_backend_tensor_set(a, acc_all.data(), 0, ggml_nbytes(a));
+    }
+}
+
+//
+// public API
+//
+
+static llama_kv_cache * kv_budget_cache(const llama_context * ctx) {
+    if (!ctx) {
+        return nullptr;
+    }
+    return dynamic_cast<llama_kv_cache *>(llama_get_memory(ctx));
+}
+
+bool llama_kv_budget_supported(const llama_model * model, char * why, size_t why_size) {
+    if (!model) {
+        return false;
+    }
+    try {
+        llama_kv_budget_check_model(*model);
+    } catch (const std::exception & e) {
+        if (why && why_size > 0) {
+            snprintf(why, why_size, "%s", e.what());
+        }
+        return false;
+    }
+    return true;
+}
+
+bool llama_kv_budget_get_info(const llama_context * ctx, llama_kv_budget_info * info) {
+    const auto * kv = kv_budget_cache(ctx);
+    if (!kv || !info) {
+        return false;
+    }
+    const auto * B = kv->budget_state();
+    const auto & cells = kv->get_cells(0);
+
+    uint32_t n_head_kv = 0;
+    for (uint32_t ikv = 0; ikv < kv->budget_n_layers(); ++ikv) {
+        n_head_kv = std::max(n_head_kv, kv->budget_n_head_kv(ikv));
+    }
+
+    info->n_cells     = kv->get_size();
+    info->n_used      = cells.get_used();
+    info->n_layer     = kv->budget_n_layers();
+    info->n_head_kv   = n_head_kv;
+    info->n_evictions = B ? B->n_evictions : 0;
+    info->n_evicted   = B ? B->n_evicted : 0;
+    info->kv_bytes    = kv->budget_kv_bytes();
+    info->aux_bytes   = B ? B->aux_bytes() : 0;
+    info->t_evict_ms  = B ? B->t_evict_us/1000.0 : 0.0;
+    info->active      = B != nullptr;
+    info->pos_last_evict = B ? B->last_evict_pos_max : -1;
+    info->kv_evict_interval = B ? B->params.interval : 0;
+
+    return true;
+}
+
+int32_t llama_kv_budget_get_positions(const llama_context * ctx, int32_t il, llama_pos * out, int32_t n_out) {
+    const auto * kv = kv_budget_cache(ctx);
+    if (!kv || !out || il < 0 || (uint32_t) il >= kv->budget_n_layers()) {
+        return -1;
+    }
+    const uint32_t n_cells = kv->get_size();
+    const uint32_t n_hkv   = kv->budget_n_head_kv(il);
+    const int64_t  n_need  = (int64_t) n_cells*n_hkv;
+    if (n_out < n_need) {
+        return -1;
+    }
+    for (uint32_t h = 0; h < n_hkv; ++h) {
+        for (uint32_t i = 0; i < n_cells; ++i) {
+            out[(size_t) h*n_cells + i] = kv->budget_orig_pos(il, h, i);
+        }
+    }
+    return (int32_t) n_need;
+}
+
+int64_t llama_kv_cache::budget_read_queries(uint32_t ikv, float * out, int64_t n_out) const {
+    if (!budget || ikv >= layers.size()) {
+        return -1;
+    }
+    const ggml_tensor * q = budget->q_win[ikv];
+    const int64_t n = ggml_nelements(q);
+    if (n_out < n) {
+        return -1;
+    }
+    ggml_backend_tensor_get(q, out, 0, n*sizeof(float));
+    return n;
+}
+
+int64_t llama_kv_cache::budget_read_keys(uint32_t ikv, float * out, int64_t n_out) const {
+    if (!budget || ikv >= layers.size()) {
+        return -1;
+    }
+    const ggml_tensor * k = layers[ikv].k;
+    const int64_t n_row = k->ne[0];
+    const int64_t n = n_row*get_size();
+    if (n_out < n) {
+        return -1;
+    }
+    std::vector<uint8_t> raw(ggml_row_size(k->type, n_row)*get_size());
+    ggml_backend_tensor_get(k, raw.data(), 0, raw.size());
+    const auto * traits = ggml_get_type_traits(k->type);
+    if (k->type == GGML_TYPE_F32) {
+        memcpy(out, raw.data(), n*sizeof(float));
+    } else if (traits->to_float) {
+        traits->to_float(raw.data(), out, n);
+    } else {
+        return -1;
+    }
+    return n;
+}
+
+int32_t llama_kv_budget_get_queries(const llama_context * ctx, int32_t il, float * out, int32_t n_out) {
+    const auto * kv = kv_budget_cache(ctx);
+    return kv && out && il >= 0 ? (int32_t) kv->budget_read_queries(il, out, n_out) : -1;
+}
+
+int32_t llama_kv_budget_get_keys(const llama_context * ctx, int32_t il, float * out, int32_t n_out) {
+    const auto * kv = kv_budget_cache(ctx);
+    return kv && out && il >= 0 ? (int32_t) kv->budget_read_keys(il, out, n_out) : -1;
+}
+
+int32_t llama_kv_budget_get_cells(const llama_context * ctx, llama_pos * pos, int8_t * composite, int32_t n_out) {
+    const auto * kv = kv_budget_cache(ctx);
+    if (!kv || !pos || !composite || !kv->budget_state() || n_out < (int32_t) kv->get_size()) {
+        return -1;
+    }
+    const auto & cells = kv->get_cells(0);
+    const auto * B = kv->budget_state();
+    for (uint32_t i = 0; i < kv->get_size(); ++i) {
+        pos[i]       = cells.is_empty(i) ? -1 : cells.pos_get(i);
+        composite[i] = !cells.is_empty(i) && B->comp_cell_pos[i] >= 0;
+    }
+    return (int32_t) kv->get_size();
+}
+
+int32_t llama_kv_budget_get_scores(const llama_context * ctx, int32_t il, float * out, int32_t n_out) {
+    const auto * kv = kv_budget_cache(ctx);
+    const auto * B  = kv ? kv->budget_state() : nullptr;
+    if (!B || !out || il < 0 || (size_t) il >= B->acc.size()) {
+        return -1;
+    }
+    const ggml_tensor * a = B->acc[il];
+    const int64_t n = ggml_nelements(a);
+    if (n_out < n) {
+        return -1;
+    }
+    ggml_backend_tensor_get(a, out, 0, ggml_nbytes(a));
+    const int64_t n_cells = a->ne[0];
+    for (int64_t j = 0; j < n; ++j) {
+        if (!B->acc_valid[j % n_cells]) {
+            out[j] = 0.0f;
+        }
+    }
+    return (int32_t) n;
+}

@@ -1,0 +1,110 @@
+#pragma once
+
+// morphkv-gguf: a constant-size KV cache with MorphKV eviction
+//
+// With cparams.kv_budget = C > 0 the plain llama_kv_cache is allocated for C + max(S, n_ubatch) cells
+// (padded to 256) instead of n_ctx. Once C + S cells are in use (or a ubatch finds no free slot), an
+// eviction graph runs in the cache's update step: the last W post-RoPE queries of every layer (kept in
+// a ring buffer written by build_attn) score the older cells, softmax over the evictable cells, fused
+// over the window rows and over the query heads of each KV head; then
+//   - granularity "head":  every KV head of every layer keeps its own top (C - protected) cells; their
+//                          K/V rows are gathered into "composite" cells [0, C) (KVCompose layout), the
+//                          protected cells (recent window + sinks) land on the same cells in every head
+//   - granularity "token": one score per cell (summed over heads and layers); other cells are freed
+// All ops are ggml ops with CPU and CUDA kernels; nothing leaves the device except the selected indices.
+
+#include "llama.h"
+
+#include "ggml-cpp.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+struct llama_cparams;
+struct llama_batch_ext;
+class  llama_model;
+
+struct llama_kv_budget_params {
+    uint32_t budget   = 0;   // C: cells kept after an eviction (0 = off)
+    uint32_t window   = 32;  // W: most recent tokens, never evicted; their queries score the rest
+    uint32_t interval = 64;  // S: tokens that may accumulate beyond C before the next eviction
+    uint32_t sinks    = 0;   // first tokens, never evicted
+
+    llama_kv_fusion      fusion       = LLAMA_KV_FUSION_SUM;
+    llama_kv_fusion      group_reduce = LLAMA_KV_FUSION_SUM;
+    llama_kv_granularity granularity  = LLAMA_KV_GRANULARITY_HEAD;
+    llama_kv_policy      policy       = LLAMA_KV_POLICY_MORPHKV;
+
+    uint32_t n_cells = 0;    // physical cells of the cache (0: n_ctx, for SnapKV, whose cache grows)
+
+    bool enabled() const { return budget > 0; }
+
+    // prompts longer than a ubatch are decoded in pieces with evictions between them
+    bool chunk_prefill() const { return enabled() && policy != LLAMA_KV_POLICY_SNAPKV; }
+
+    // rows of the query ring: the window, or for H2O every query since the last eviction
+    uint32_t n_q_rows() const { return policy == LLAMA_KV_POLICY_H2O ? std::max(window, interval) : window; }
+};
+
+// validates the user's parameters, fills cparams' budget fields and adjusts the ones a budget needs
+// (flash attention on, n_batch <= n_ubatch); throws std::runtime_error naming what is wrong
+void llama_kv_budget_configure(const llama_context_params & params, llama_cparams & cparams);
+
+// throws std::runtime_error if the model's memory is not the plain KV cache
+void llama_kv_budget_check_model(const llama_model & model);
+
+// the size of the batch being decoded (SnapKV compresses before the first single-token batch)
+void llama_kv_budget_note_batch(llama_context * lctx, int32_t n_tokens);
+
+// decode a batch larger than n_ubatch as consecutive pieces of at most n_ubatch tokens, so that an
+// eviction can run between them; outputs may only be requested in the last piece
+int llama_kv_budget_decode_chunked(llama_context * lctx, const llama_batch_ext & batch, uint32_t n_ubatch);
+
+// per-cache state of the budget (owned by llama_kv_cache)
+struct llama_kv_budget_state {
+    llama_kv_budget_params params;
+
+    // ring buffer of the last W post-RoPE queries, per KV-cache layer: F32 [n_embd_head_k*n_head, W]
+    std::vector<ggml_tensor *> q_win;
+
+    // per layer: score with the fused ggml_kv_scores op (the K buffer's device supports it) instead of the
+    // composed graph (mul_mat + soft_max_ext + reductions)
+    std::vector<uint8_t> scores_fused;
+    bool scores_fused_all = false;
+
+    // H2O: attention accumulated per (layer, cell, KV head): F32 [n_cells, n_head_kv] per layer, valid for
+    // cells marked in acc_valid (those kept by the last eviction; a cell that takes a new token starts at 0)
+    std::vector<ggml_tensor *> acc;
+    std::vector<uint8_t>       acc_valid;
+
+    int32_t n_batch_tokens = 0;  // tokens of the batch being decoded
+    bool    compressed     = false; // SnapKV: the prompt was compressed
+    std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> ctxs_bufs;
+
+    // original position held by composite cell i of (layer, KV head): comp_pos[(il*n_head_kv_max + h)*n_cells + i]
+    // valid for cells marked in comp_cell_pos (the pos the cell was given when it became composite)
+    uint32_t n_head_kv_max = 0;
+    std::vector<llama_pos> comp_pos;
+    std::vector<llama_pos> comp_cell_pos; // -1: ordinary cell
+    std::vector<llama_pos> comp_pos_next; // scratch of the eviction (the table being written)
+    std::vector<int32_t>   order_host;    // scratch of the eviction (every layer's selected cells, read back)
+
+    // head granularity (not H2O): every (layer, KV head)'s kept cells, I32 [C, sum of n_head_kv], written by
+    // the eviction's first graph (scores + argsort) and read by its second (the gather), which the device
+    // runs while the host rewrites the cell metadata from the copy read back into order_pinned (pinned host
+    // memory where the device has it, else order_host)
+    ggml_tensor *           order_sel = nullptr;
+    ggml_backend_buffer_ptr order_pinned;
+
+    llama_pos last_evict_pos_max = -1; // newest position at the last eviction since the cache was empty
+
+    uint32_t n_evictions = 0;
+    uint64_t n_evicted   = 0;  // cells freed by evictions (token granularity) or dropped per head (head)
+    double   t_evict_us  = 0.0;
+    bool     warned_train_ctx = false;
+
+    size_t aux_bytes() const;
+};
