@@ -155,36 +155,6 @@ void llama_kv_budget_note_batch(llama_context * lctx, int32_t n_tokens) {
     }
 }
 
-int llama_kv_budget_decode_chunked(llama_context * lctx, const llama_batch_ext & batch, uint32_t n_ubatch) {
-    const size_t n_tokens = batch.tokens.size();
-
-    if (!batch.embd.empty()) {
-        LLAMA_LOG_ERROR("%s: with a KV budget, an embedding batch may hold at most n_ubatch = %u tokens (got %zu)\n",
-                __func__, n_ubatch, n_tokens);
-        return -1;
-    }
-    const size_t last_start = ((n_tokens - 1)/n_ubatch)*n_ubatch;
-    for (size_t i = 0; i < last_start; ++i) {
-        if (batch.tokens[i].output) {
-            LLAMA_LOG_ERROR("%s: with a KV budget, a batch larger than n_ubatch = %u may request outputs only for "
-                    "its last %zu tokens (token %zu requests one); submit at most n_ubatch tokens per decode\n",
-                    __func__, n_ubatch, n_tokens - last_start, i);
-            return -1;
-        }
-    }
-
-    for (size_t i0 = 0; i0 < n_tokens; i0 += n_ubatch) {
-        llama_batch_ext piece = batch;
-        piece.tokens.assign(batch.tokens.begin() + i0, batch.tokens.begin() + std::min(n_tokens, i0 + n_ubatch));
-        const int ret = lctx->decode(piece);
-        if (ret != 0) {
-            return ret;
-        }
-    }
-
-    return 0;
-}
-
 size_t llama_kv_budget_state::aux_bytes() const {
     size_t total = 0;
     for (const auto & [_, buf] : ctxs_bufs) {
@@ -372,6 +342,89 @@ bool llama_kv_cache::budget_evict_due(bool optimize) const {
     }
     // optimize: a ubatch found no free slot (decode's retry path)
     return optimize || n_used >= p.budget + p.interval;
+}
+
+// what an eviction leaves in the cells, for planning: C cells in use, at [0, C), holding (as far as the plan
+// cares) the newest positions; the real eviction's positions and, per token, its layout may differ: the
+// slots after an eviction are found again when it has run (budget_before_ubatch)
+static void kv_budget_plan_evict(llama_kv_cells & cells, uint32_t & head, uint32_t n_keep) {
+    const llama_pos pos_max = cells.seq_pos_max(0);
+    cells.reset();
+    for (uint32_t r = 0; r < n_keep; ++r) {
+        cells.pos_set(r, std::max<llama_pos>(0, pos_max - (llama_pos) (n_keep - 1 - r)));
+        cells.seq_add(r, 0);
+    }
+    head = n_keep;
+}
+
+llama_kv_cache::slot_info_vec_t llama_kv_cache::budget_prepare(const std::vector<llama_ubatch> & ubatches,
+        std::vector<uint8_t> & evict_before) {
+    auto & B = *budget;
+    const auto & p = B.params;
+
+    evict_before.clear();
+    // one ubatch: the update before the batch evicted what was due (and, if it does not fit, decode's retry does)
+    if (ubatches.size() < 2 || !p.evicts_between_ubatches()) {
+        return prepare(ubatches);
+    }
+
+    // the plan places the ubatches in the real cells, which it restores at the end
+    const llama_kv_cells cells_old = v_cells[0];
+    const uint32_t head_old = v_heads[0];
+    const std::vector<llama_pos> comp_cell_pos_old = B.comp_cell_pos;
+    const std::vector<uint8_t>   acc_valid_old     = B.acc_valid;
+
+    slot_info_vec_t res;
+    evict_before.assign(ubatches.size(), 0);
+    for (size_t i = 0; i < ubatches.size(); ++i) {
+        auto & cells = v_cells[0];
+        // as between two batches: evict once C + S cells are in use, or when the ubatch does not fit
+        bool evict = i > 0 && cells.get_used() >= p.budget + p.interval;
+        slot_info sinfo;
+        if (!evict) {
+            sinfo = find_slot(ubatches[i], false);
+            evict = sinfo.empty() && i > 0 && cells.get_used() > p.budget;
+        }
+        if (evict) {
+            kv_budget_plan_evict(cells, v_heads[0], p.budget);
+            sinfo = find_slot(ubatches[i], false);
+        }
+        if (sinfo.empty()) {
+            res.clear();
+            break;
+        }
+        evict_before[i] = evict;
+        res.push_back(sinfo);
+        apply_ubatch(sinfo, ubatches[i]);
+    }
+
+    v_cells[0] = cells_old;
+    v_heads[0] = head_old;
+    B.comp_cell_pos = comp_cell_pos_old;
+    B.acc_valid     = acc_valid_old;
+
+    return res;
+}
+
+bool llama_kv_cache::budget_before_ubatch(bool evict, bool & evicted, slot_info & sinfo, const llama_ubatch & ubatch) {
+    GGML_ASSERT(budget);
+    if (evict) {
+        llama_context * lctx = budget->lctx;
+        if (!lctx || !budget_evict(lctx)) {
+            LLAMA_LOG_ERROR("%s: the eviction planned between two ubatches did not run\n", __func__);
+            return false;
+        }
+        lctx->reset_gf_res_prev(); // the eviction's graphs reset the scheduler
+        evicted = true;
+    }
+    if (evicted) {
+        sinfo = find_slot(ubatch, false);
+        if (sinfo.empty()) {
+            LLAMA_LOG_ERROR("%s: no slot for a ubatch of %u tokens after an eviction\n", __func__, ubatch.n_tokens);
+            return false;
+        }
+    }
+    return true;
 }
 
 bool llama_kv_cache_context::needs_graph_reserve() const {

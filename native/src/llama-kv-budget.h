@@ -24,7 +24,6 @@
 #include <vector>
 
 struct llama_cparams;
-struct llama_batch_ext;
 class  llama_model;
 
 struct llama_kv_budget_params {
@@ -42,15 +41,16 @@ struct llama_kv_budget_params {
 
     bool enabled() const { return budget > 0; }
 
-    // prompts longer than a ubatch are decoded in pieces with evictions between them
-    bool chunk_prefill() const { return enabled() && policy != LLAMA_KV_POLICY_SNAPKV; }
+    // evictions run between the ubatches of a batch (a prompt of any length fits the cache); SnapKV compresses
+    // once, after the prompt, in a cache of n_ctx cells
+    bool evicts_between_ubatches() const { return enabled() && policy != LLAMA_KV_POLICY_SNAPKV; }
 
     // rows of the query ring: the window, or for H2O every query since the last eviction
     uint32_t n_q_rows() const { return policy == LLAMA_KV_POLICY_H2O ? std::max(window, interval) : window; }
 };
 
 // validates the user's parameters, fills cparams' budget fields and adjusts the ones a budget needs
-// (flash attention on, n_batch <= n_ubatch); throws std::runtime_error naming what is wrong
+// (flash attention on); throws std::runtime_error naming what is wrong
 void llama_kv_budget_configure(const llama_context_params & params, llama_cparams & cparams);
 
 // throws std::runtime_error if the model's memory is not the plain KV cache
@@ -58,10 +58,6 @@ void llama_kv_budget_check_model(const llama_model & model);
 
 // the size of the batch being decoded (SnapKV compresses before the first single-token batch)
 void llama_kv_budget_note_batch(llama_context * lctx, int32_t n_tokens);
-
-// decode a batch larger than n_ubatch as consecutive pieces of at most n_ubatch tokens, so that an
-// eviction can run between them; outputs may only be requested in the last piece
-int llama_kv_budget_decode_chunked(llama_context * lctx, const llama_batch_ext & batch, uint32_t n_ubatch);
 
 // per-cache state of the budget (owned by llama_kv_cache)
 struct llama_kv_budget_state {
@@ -81,6 +77,7 @@ struct llama_kv_budget_state {
     std::vector<uint8_t>       acc_valid;
 
     int32_t n_batch_tokens = 0;  // tokens of the batch being decoded
+    llama_context * lctx   = nullptr; // the context of the cache's updates: runs the evictions between ubatches
     bool    compressed     = false; // SnapKV: the prompt was compressed
     std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> ctxs_bufs;
 
