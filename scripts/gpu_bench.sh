@@ -10,8 +10,8 @@
 #                the prev files, then also the "prev" build: those files swapped into the patched build,
 #                built, its bin/ copied to build-prev/bin, the patched files swapped back and rebuilt
 #   phase test:  needs .gpu/model.part.02 .gpu/model.part.03 .gpu/model.sha256 .gpu/llama_cpp_py.tar.xz;
-#                the native-vs-NumPy-reference eviction tests (tests/test_kv_budget.py) with the default
-#                model on the GPU (CUDA libllama)
+#                the native-vs-NumPy-reference eviction tests (tests/test_kv_budget.py) and the long-batch
+#                tests (tests/test_long_batches.py, not the server) with the default model on the GPU (CUDA libllama)
 #   phase run:   llama-bench per tree and budget (one process each, GPU memory sampled): JSON, logs and
 #                memory samples into $OUT/run.tgz (unpack it for scripts/bench_summary.py); with a prev build,
 #                also kv_budget=2048 from it for the shapes in MORPHKV_BENCH_PREV_SHAPES ("llama-3.1-8b")
@@ -122,8 +122,8 @@ print(open(sys.argv[2] + '/eval.md').read())" "${MORPHKV_EVAL_JOBS:-16}" "$work/
         tar -C "$work" -czf "$OUT/eval.tgz" eval eval-cache
         exit 0
     fi
-    python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(sys.argv[1:]))" tests/test_kv_budget.py -q -p no:cacheprovider \
-        -k "reference or streaming or memory_stays_constant or below_the_budget" 2>&1 | tee "$OUT/pytest-cuda.txt" | tail -15
+    python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(sys.argv[1:]))" tests/test_kv_budget.py tests/test_long_batches.py -q -p no:cacheprovider \
+        -k "reference or streaming or memory_stays_constant or below_the_budget or one_call or first_eviction" 2>&1 | tee "$OUT/pytest-cuda.txt" | tail -15
     ;;
 run)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"

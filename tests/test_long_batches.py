@@ -68,6 +68,8 @@ def _evictions(ctx) -> int:
 def model(model_path):
     llama_cpp.llama_backend_init()
     mparams = llama_cpp.llama_model_default_params()
+    # MORPHKV_TEST_GPU_LAYERS=99 runs the same checks with the layers (and the cache) on the GPU
+    mparams.n_gpu_layers = int(os.environ.get("MORPHKV_TEST_GPU_LAYERS", "0"))
     m = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
     assert m
     yield m
