@@ -226,3 +226,16 @@ def test_no_patch_deletes_what_an_earlier_one_added(fresh_vendor):
             removed = [ln[1:] for ln in lines if ln.startswith("-") and not ln.startswith("---")]
             rewritten = [ln for ln in removed if ln not in pristine_lines[path]]
             assert not rewritten, f"{patch.name} deletes lines of {path} that an earlier patch added: {rewritten[:3]}"
+
+
+def test_rpc_backend_counts_the_new_op(fresh_vendor):
+    """ggml-rpc.h asserts the number of ggml ops (a -DGGML_RPC=ON build fails otherwise); its count follows ours."""
+    import re
+
+    patches.apply(fresh_vendor)
+    ggml_h = (fresh_vendor.llama_cpp / "ggml" / "include" / "ggml.h").read_text()
+    body = ggml_h[ggml_h.index("enum ggml_op {"):ggml_h.index("GGML_OP_COUNT,")]
+    n_ops = len(re.findall(r"^\s*GGML_OP_\w+\s*(?:=\s*0\s*)?,", body, flags=re.M))
+    rpc_h = (fresh_vendor.llama_cpp / "ggml" / "include" / "ggml-rpc.h").read_text()
+    assert re.search(r"static_assert\(GGML_OP_COUNT == (\d+)", rpc_h).group(1) == str(n_ops)
+    assert "GGML_OP_KV_SCORES" in body
