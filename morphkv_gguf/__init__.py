@@ -7,6 +7,6 @@ and the ``morphkv`` command line.  Importing it never imports ``llama_cpp``.
 
 __version__ = "0.1.0"
 
-# Version string of the patch set; patch 0001 defines the same value as LLAMA_MORPHKV_VERSION
+# Version string of the patch set; patch 0004 defines the same value as LLAMA_MORPHKV_VERSION
 # in llama.h, and the rebuilt wheel is versioned ``0.3.36+morphkv.<this>``.
 MORPHKV_VERSION = __version__

@@ -1,7 +1,7 @@
-"""NumPy reference of the native MorphKV selection (patch 0003, ``llama-kv-budget.cpp``).
+"""NumPy reference of the native MorphKV selection (``native/src/llama-kv-budget.cpp``).
 
 Given one layer's query window and cached keys, these functions compute what the native eviction
-graph computes: ``softmax(Q_win K^T / sqrt(d))`` over the evictable cells, fused over the window rows
+graph computes: ``softmax(s Q_win K^T)`` (s: the model's scale of q.k, 1/sqrt(d) for most) over the evictable cells, fused over the window rows
 (``fusion``) and over the query heads of each KV head (``group_reduce``), then per KV head (or once
 for all heads and layers with token granularity) the cells kept: the protected cells (recent window
 and sinks, which score above any attention weight) and the best-scoring evictable cells.
@@ -58,11 +58,12 @@ def _reduce(x: np.ndarray, axis: int, how: str) -> np.ndarray:
 
 
 def layer_scores(q_win: npt.ArrayLike, keys: npt.ArrayLike, evictable: npt.ArrayLike,
-                 fusion: str = "sum", group_reduce: str = "sum") -> np.ndarray:
+                 fusion: str = "sum", group_reduce: str = "sum", scale: float | None = None) -> np.ndarray:
     """MorphKV scores of one layer's cells, per KV head.
 
     q_win: [W, n_head, d] post-RoPE queries of the window; keys: [n_cells, n_head_kv, d];
-    evictable: [n_cells] bool. Returns [n_head_kv, n_cells] with 0 for cells that are not evictable.
+    evictable: [n_cells] bool; scale: the model's scale of q.k (llama.cpp's kq_scale; None: 1/sqrt(d)).
+    Returns [n_head_kv, n_cells] with 0 for cells that are not evictable.
     Query head h reads KV head h // (n_head // n_head_kv), as in llama.cpp's GQA.
     """
     q = np.asarray(q_win, dtype=np.float64)
@@ -74,7 +75,7 @@ def layer_scores(q_win: npt.ArrayLike, keys: npt.ArrayLike, evictable: npt.Array
         raise ValueError(f"shapes do not match: q_win {q.shape}, keys {k.shape}")
     group = n_head // n_head_kv
     k_per_q = np.repeat(k, group, axis=1)                         # [n_cells, n_head, d]
-    logits = np.einsum("whd,chd->hwc", q, k_per_q) / np.sqrt(d)    # [n_head, W, n_cells]
+    logits = np.einsum("whd,chd->hwc", q, k_per_q) * (1.0 / np.sqrt(d) if scale is None else scale)  # [n_head, W, n_cells]
     logits = np.where(ev[None, None, :], logits, -np.inf)
     logits -= logits.max(axis=-1, keepdims=True)
     prob = np.exp(logits)

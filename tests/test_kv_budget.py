@@ -1,4 +1,4 @@
-"""The budgeted KV cache (patch 0003) through the rebuilt wheel: constant memory, MorphKV selection
+"""The budgeted KV cache (native/src/llama-kv-budget.cpp) through the rebuilt wheel: constant memory, MorphKV selection
 structure, equality with the full cache below the budget, long prompts, refusals."""
 
 from __future__ import annotations
@@ -198,19 +198,76 @@ def _check_evictions(llm: Llama, budget: int, interval: int, n_checks: int, chec
 
 def _heads(llm: Llama) -> tuple[int, int]:
     meta = llm.metadata
-    return int(meta["llama.attention.head_count"]), int(meta["llama.attention.head_count_kv"])
+    arch = meta["general.architecture"]
+    return int(meta[f"{arch}.attention.head_count"]), int(meta[f"{arch}.attention.head_count_kv"])
 
 
-def _morphkv_reference(window: int, n_head: int, n_head_kv: int, fusion: str = "sum", group_reduce: str = "sum"):
+def _morphkv_reference(window: int, n_head: int, n_head_kv: int, fusion: str = "sum", group_reduce: str = "sum",
+                       scale: float | None = None):
     """The NumPy MorphKV scores of a snapshotted layer (``layer_scores_fn`` of _check_against_reference)."""
     from morphkv_gguf import policies
 
     def scores(st, classes):
         q = st["queries"].reshape(window, n_head, -1)
         k = st["keys"].reshape(-1, n_head_kv, q.shape[-1])
-        return policies.layer_scores(q, k, classes.evictable, fusion, group_reduce)
+        return policies.layer_scores(q, k, classes.evictable, fusion, group_reduce, scale)
 
     return scores
+
+
+def _as_granite(model_path, out_path, attention_scale: float):
+    """The default model relabelled as a Granite model (same tensors; Granite's llama-like graph reads
+    ``granite.attention.scale`` and uses it as its kq_scale instead of 1/sqrt(d))."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(model_path))
+    writer = gguf.GGUFWriter(str(out_path), "granite")
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        name = "granite." + field.name[len("llama."):] if field.name.startswith("llama.") else field.name
+        writer.add_key_value(name, field.contents(), field.types[0], sub_type=sub_type)
+    writer.add_key_value("granite.logit_scale", 1.0, gguf.GGUFValueType.FLOAT32)
+    writer.add_key_value("granite.attention.scale", attention_scale, gguf.GGUFValueType.FLOAT32)
+    for t in reader.tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+    writer.close()
+    return out_path
+
+
+def test_selection_scores_at_the_models_attention_scale(model_path, tmp_path):
+    """A model whose attention scales q.k by its own factor (here 3/sqrt(d), Granite's attention.scale) is
+    scored at that temperature: what every head keeps matches the reference with that scale, and the
+    reference with 1/sqrt(d) would have kept other cells."""
+    from morphkv_gguf import policies
+
+    budget, window, interval = 64, 8, 16
+    d = 64  # the default model's head size
+    path = _as_granite(model_path, tmp_path / "granite.gguf", 3.0 / np.sqrt(d))
+    llm = _llm(path, kv_budget=budget, kv_window=window, kv_evict_interval=interval)
+    n_head, n_head_kv = _heads(llm)
+    assert llm.metadata["general.architecture"] == "granite"
+    scores = _morphkv_reference(window, n_head, n_head_kv, scale=3.0 / np.sqrt(d))
+    plain = _morphkv_reference(window, n_head, n_head_kv)
+    differs = []
+
+    def check(snap):
+        _check_against_reference(llm, snap, budget, window, "head", n_head_kv, scores)
+        first = snap["layers"][0]
+        classes = policies.classify_cells(first["cell_pos"], window, composite=first["composite"])
+        for st in snap["layers"]:
+            kept = np.sort(policies.select_per_head(scores(st, classes), classes, budget), axis=1)
+            kept_plain = np.sort(policies.select_per_head(plain(st, classes), classes, budget), axis=1)
+            differs.append(not np.array_equal(kept, kept_plain))
+
+    _check_evictions(llm, budget, interval, 2, check)
+    assert any(differs), "the scale changed no selection: the test would not see a wrong scale"
 
 
 @pytest.mark.parametrize("fusion, granularity", [("sum", "head"), ("max", "head"), ("sum", "token"), ("max", "token")])
@@ -231,7 +288,7 @@ def test_native_selection_matches_the_numpy_reference(model_path, fusion, granul
 
 def test_large_cache_selection_matches_the_numpy_reference(model_path):
     """A budget whose per-head position tables (layers x KV heads x C >= 65536 entries) are rewritten on
-    several threads after each eviction (patch 0015): every head's kept cells and their original
+    several threads after each eviction (rewrite_head's workers): every head's kept cells and their original
     positions still match the reference, over two consecutive evictions."""
 
     budget, window, interval = 768, 8, 16

@@ -1,4 +1,4 @@
-"""llama-cpp-python paths past the physical cache with ``Llama(kv_budget=...)`` (patch 0009):
+"""llama-cpp-python paths past the physical cache with ``Llama(kv_budget=...)`` (patch 0007):
 chat completion, streaming, prefix reuse after evictions, save/load, logits_all, the server."""
 
 from __future__ import annotations

@@ -206,6 +206,7 @@ void llama_kv_cache::budget_init(const llama_kv_budget_params & params) {
         }
 
         B.n_head_kv_max = std::max(B.n_head_kv_max, hparams.n_head_kv(layer.il));
+        B.kq_scale.push_back(1.0f/sqrtf((float) hparams.n_embd_head_k(layer.il))); // until build_attn says
     }
 
     // the kept cells of every (layer, KV head), between the eviction's two graphs: with the last layer's K,
@@ -473,11 +474,15 @@ void llama_kv_cache::set_input_q_idxs(ggml_tensor * dst, const llama_ubatch * ub
     }
 }
 
-ggml_tensor * llama_kv_cache::cpy_q(ggml_context * ctx, ggml_tensor * q_cur, ggml_tensor * q_idxs, int32_t il) const {
+ggml_tensor * llama_kv_cache::cpy_q(ggml_context * ctx, ggml_tensor * q_cur, ggml_tensor * q_idxs, float kq_scale, int32_t il) const {
     GGML_ASSERT(budget && q_idxs);
 
     const int32_t ikv = map_layer_ids.at(il);
     ggml_tensor * dst = budget->q_win[ikv];
+
+    // the eviction scores q.k at the temperature of the model's own attention (graphs are built before any
+    // eviction runs: the first decode sets it)
+    budget->kq_scale[ikv] = kq_scale;
 
     const int64_t n_embd_q = q_cur->ne[0]*q_cur->ne[1];
     const int64_t n_tokens = q_cur->ne[2];
@@ -855,7 +860,7 @@ ggml_tensor * llama_kv_budget_evict::layer_scores(ggml_context * ctx, llm_graph_
 
     // softmax of every query row over the cells, fused over the rows (H2O: the weighted sum of the queries
     // since the last eviction), then over the query heads of each KV head
-    const float kq_scale = 1.0f/sqrtf((float) d_k);
+    const float kq_scale = B.kq_scale[ikv];
     const llama_kv_fusion fusion = h2o ? LLAMA_KV_FUSION_SUM : p.fusion;
     const llama_kv_fusion group  = h2o ? LLAMA_KV_FUSION_SUM : p.group_reduce;
     ggml_tensor * row_w = h2o ? inp->row_w : nullptr;

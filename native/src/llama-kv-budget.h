@@ -66,6 +66,10 @@ struct llama_kv_budget_state {
     // ring buffer of the last W post-RoPE queries, per KV-cache layer: F32 [n_embd_head_k*n_head, W]
     std::vector<ggml_tensor *> q_win;
 
+    // per KV-cache layer: the scale of q.k in the model's attention (build_attn's kq_scale: 1/sqrt(d_k) for most
+    // models, f_attention_scale for Granite, 1 where Q is scaled before, ...)
+    std::vector<float> kq_scale;
+
     // per layer: score with the fused ggml_kv_scores op (the K buffer's device supports it) instead of the
     // composed graph (mul_mat + soft_max_ext + reductions)
     std::vector<uint8_t> scores_fused;
