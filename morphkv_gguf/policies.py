@@ -1,7 +1,8 @@
 """NumPy reference of the native MorphKV selection (``native/src/llama-kv-budget.cpp``).
 
 Given one layer's query window and cached keys, these functions compute what the native eviction
-graph computes: ``softmax(s Q_win K^T)`` (s: the model's scale of q.k, 1/sqrt(d) for most) over the evictable cells, fused over the window rows
+graph computes: ``softmax(s Q_win K^T)`` (s: the model's scale of q.k, 1/sqrt(d) for most) over the
+evictable cells, fused over the window rows
 (``fusion``) and over the query heads of each KV head (``group_reduce``), then per KV head (or once
 for all heads and layers with token granularity) the cells kept: the protected cells (recent window
 and sinks, which score above any attention weight) and the best-scoring evictable cells.
@@ -136,13 +137,14 @@ def ring_positions(pos_max: int, rows: int) -> np.ndarray:
 
 
 def h2o_increment(q_ring: npt.ArrayLike, keys: npt.ArrayLike, positions: npt.ArrayLike,
-                  pos_last_evict: int, pos_max: int | None = None) -> np.ndarray:
+                  pos_last_evict: int, pos_max: int | None = None, scale: float | None = None) -> np.ndarray:
     """Attention the cells received since the previous eviction, per KV head ([n_head_kv, n_cells]).
 
     q_ring: [R, n_head, d] post-RoPE queries, row r = the query of position p_r (``ring_positions``);
     keys: [n_cells, n_head_kv, d]; positions: [n_cells] cell positions (-1 empty), or
     [n_head_kv, n_cells] per-head positions of composite cells, used for the causal mask.
-    Rows with p_r > pos_last_evict are counted: each query head's softmax(q.k / sqrt(d)) over the live
+    Rows with p_r > pos_last_evict are counted: each query head's softmax(s q.k) (s: ``scale``, None:
+    1/sqrt(d)) over the live
     cells with position <= p_r, summed over the counted rows and over the query heads of each KV head.
     ``pos_max`` defaults to the newest live position.
     """
@@ -162,7 +164,7 @@ def h2o_increment(q_ring: npt.ArrayLike, keys: npt.ArrayLike, positions: npt.Arr
         pos_max = int(live_pos.max()) if live_pos.size else -1
     pos_q = np.repeat(pos_kv, group, axis=0)                        # [n_head, n_cells]
     k_per_q = np.repeat(k, group, axis=1)                          # [n_cells, n_head, d]
-    logits = np.einsum("rhd,chd->rhc", q, k_per_q) / np.sqrt(d)   # [R, n_head, n_cells]
+    logits = np.einsum("rhd,chd->rhc", q, k_per_q) * (1.0 / np.sqrt(d) if scale is None else scale)  # [R, n_head, n_cells]
     p_r = ring_positions(pos_max, n_rows)
     counted = (p_r >= 0) & (p_r > pos_last_evict)
     total = np.zeros((n_head, n_cells))
