@@ -10,7 +10,8 @@
 #                the prev files, then also the "prev" build: those files swapped into the patched build,
 #                built, its bin/ copied to build-prev/bin, the patched files swapped back and rebuilt
 #   phase test:  needs .gpu/model.part.02 .gpu/model.part.03 .gpu/model.sha256 .gpu/llama_cpp_py.tar.xz;
-#                the native-vs-NumPy-reference eviction tests (tests/test_kv_budget.py) and the long-batch
+#                the native-vs-NumPy-reference eviction tests (tests/test_kv_budget.py, incl. a model's own
+#                attention scale: gguf-py from the patched tree) and the long-batch
 #                tests (tests/test_long_batches.py, not the server) with the default model on the GPU (CUDA libllama)
 #   phase run:   llama-bench per tree and budget (one process each, GPU memory sampled): JSON, logs and
 #                memory samples into $OUT/run.tgz (unpack it for scripts/bench_summary.py); with a prev build,
@@ -99,7 +100,7 @@ test|eval)
     join_model_parts "$work"
     mkdir -p "$work/py" "$work/stub" && tar -xJf .gpu/llama_cpp_py.tar.xz -C "$work/py"
     echo "class Cache: pass" > "$work/stub/diskcache.py"
-    export PYTHONPATH="$work/py:$work/stub:$PWD" LLAMA_CPP_LIB_PATH="$work/build-patched/bin"
+    export PYTHONPATH="$work/py:$work/stub:$PWD:$work/src-patched/gguf-py" LLAMA_CPP_LIB_PATH="$work/build-patched/bin"
     export MORPHKV_MODEL="$work/model.gguf" MORPHKV_TEST_GPU_LAYERS=99
     if [ "$1" = eval ]; then
         # reference answers of an earlier run on this kind of machine, packed in .gpu/ (same answers, cheaper)
@@ -123,7 +124,7 @@ print(open(sys.argv[2] + '/eval.md').read())" "${MORPHKV_EVAL_JOBS:-16}" "$work/
         exit 0
     fi
     python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(sys.argv[1:]))" tests/test_kv_budget.py tests/test_long_batches.py -q -p no:cacheprovider \
-        -k "reference or streaming or memory_stays_constant or below_the_budget or one_call or first_eviction" 2>&1 | tee "$OUT/pytest-cuda.txt" | tail -15
+        -k "reference or streaming or memory_stays_constant or below_the_budget or one_call or first_eviction or attention_scale" 2>&1 | tee "$OUT/pytest-cuda.txt" | tail -15
     ;;
 run)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
