@@ -17,7 +17,7 @@ from .models import ModelError, check_gguf
 # KV cache types llama.cpp offers (--cache-type-k/-v); sizes come from gguf.GGML_QUANT_SIZES
 KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
 # what llama_kv_budget_configure accepts for type_k/type_v
-BUDGET_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0")
+BUDGET_CACHE_TYPES = KV_CACHE_TYPES  # every type llama.cpp caches: the eviction gathers quantized rows too
 
 CELL_PAD = 256              # llama.cpp pads n_ctx (and the budget's cell count) to 256
 DEFAULT_KV_WINDOW = 32      # llama_kv_budget_params defaults

@@ -102,12 +102,18 @@ def test_the_automatic_interval_costs_no_memory(default_shape, budget, n_ubatch,
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"kv_budget": 32}, r"kv_budget \(32\) must be greater than kv_window \(32\)"),
-    ({"kv_budget": 256, "cache_type": "q4_0"}, "cannot be used with a KV budget"),
     ({"kv_budget": 256, "kv_evict_interval": 0}, "kv_evict_interval must be at least 1"),
 ])
 def test_bad_plans_are_refused(default_shape, kwargs, message):
     with pytest.raises(ValueError, match=message):
         plan_kv_memory(default_shape, 1000, **kwargs)
+
+
+def test_quantized_cache_types_plan_a_smaller_budget(default_shape):
+    f16 = plan_kv_memory(default_shape, 100_000, cache_type="f16", kv_budget=256)
+    for cache_type in ("q8_0", "q4_0", "q5_1", "iq4_nl"):
+        plan = plan_kv_memory(default_shape, 100_000, cache_type=cache_type, kv_budget=256)
+        assert plan.budget_cells == f16.budget_cells and plan.budget_kv_bytes < f16.budget_kv_bytes
 
 
 @pytest.mark.parametrize("arch, keys, words", [

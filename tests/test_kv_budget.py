@@ -165,7 +165,7 @@ def test_native_refusal_does_not_crash(model_path):
 
     # a K cache type the budget does not support is refused at context creation
     with pytest.raises(ValueError):
-        _llm(model_path, kv_budget=128, type_k=llama_cpp.GGML_TYPE_Q4_0)
+        _llm(model_path, kv_budget=128, type_k=llama_cpp.GGML_TYPE_Q4_K)
     # and the process goes on working
     assert _generate(_llm(model_path, kv_budget=128), 4)
 
@@ -439,19 +439,21 @@ def _check_against_reference(llm, snapshot, budget, window, granularity, n_head_
     return native
 
 
-def test_q8_0_cache_keeps_memory_constant_and_matches_the_reference(model_path):
-    """Q8_0 K/V: the eviction gathers quantized rows; what it keeps follows the reference on the
+@pytest.mark.parametrize("cache_type", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL"])
+def test_quantized_cache_keeps_memory_constant_and_matches_the_reference(model_path, cache_type):
+    """Quantized K/V: the eviction gathers quantized rows; what it keeps follows the reference on the
     dequantized keys."""
     import llama_cpp
 
     budget, window, interval = 64, 8, 16
+    ggml_type = getattr(llama_cpp, f"GGML_TYPE_{cache_type}")
     llm = _llm(model_path, kv_budget=budget, kv_window=window, kv_evict_interval=interval,
-               type_k=llama_cpp.GGML_TYPE_Q8_0, type_v=llama_cpp.GGML_TYPE_Q8_0)
+               type_k=ggml_type, type_v=ggml_type)
     n_head, n_head_kv = _heads(llm)
     start = llm.kv_budget_info()
     scores = _morphkv_reference(window, n_head, n_head_kv)
 
-    # the composed graph multiplies Q8_0 keys with queries quantized to Q8_0 too: ~1 % score noise
+    # the composed graph multiplies quantized keys with queries quantized to Q8_0: ~1 % score noise
     _check_evictions(llm, budget, interval, 2,
                      lambda snap: _check_against_reference(llm, snap, budget, window, "head", n_head_kv, scores,
                                                            rel_tol=2e-2))

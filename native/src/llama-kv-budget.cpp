@@ -100,9 +100,13 @@ void llama_kv_budget_configure(const llama_context_params & params, llama_cparam
     if (params.flash_attn_type == LLAMA_FLASH_ATTN_TYPE_DISABLED) {
         kv_budget_fail("needs flash attention, which was explicitly disabled; enable it (or leave it on auto)");
     }
+    // the types whose rows get_rows and set_rows move (the gather) and mul_mat scores (the composed graph)
+    static const ggml_type kv_types[] = { GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_F32, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0,
+        GGML_TYPE_Q4_1, GGML_TYPE_Q5_0, GGML_TYPE_Q5_1, GGML_TYPE_IQ4_NL };
     for (const auto & [name, type] : { std::make_pair("type_k", params.type_k), std::make_pair("type_v", params.type_v) }) {
-        if (type != GGML_TYPE_F16 && type != GGML_TYPE_F32 && type != GGML_TYPE_BF16 && type != GGML_TYPE_Q8_0) {
-            kv_budget_fail(format("unsupported %s %s (accepted: f16, bf16, f32, q8_0)", name, ggml_type_name(type)));
+        if (std::find(std::begin(kv_types), std::end(kv_types), type) == std::end(kv_types)) {
+            kv_budget_fail(format("unsupported %s %s (accepted: f16, bf16, f32, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl)",
+                    name, ggml_type_name(type)));
         }
     }
 
