@@ -23,7 +23,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .upstream import REPO_ROOT, UpstreamError, VendorPaths, log, vendor_paths
+from .upstream import PRISTINE_TAG, REPO_ROOT, UpstreamError, VendorPaths, git, log, vendor_paths
 
 # repository folder -> destination inside the sdist tree
 OVERLAYS: dict[str, str] = {
@@ -94,19 +94,33 @@ def copied(paths: VendorPaths | None = None) -> list[str]:
     return sorted(_read_manifest(paths or vendor_paths()))
 
 
+@dataclass(frozen=True)
+class _Copy:
+    file: OverlayFile
+    source_sha: str
+    dest_sha: str | None      # the vendor copy's, None if there is none
+    written_sha: str | None   # what set-up last wrote there (the manifest), None if it never did
+
+    @property
+    def edited(self) -> bool:
+        """Neither what set-up wrote nor the repository's file: edited in place."""
+        return (self.dest_sha is not None and self.written_sha is not None
+                and self.dest_sha not in (self.written_sha, self.source_sha))
+
+
+def _scan(paths: VendorPaths, repo_root: Path, manifest: dict[str, str]) -> list[_Copy]:
+    """Every overlay file with the hashes of its source and its vendor copy (each file read once)."""
+    copies = []
+    for f in overlay_files(repo_root):
+        dest = paths.sdist_tree / f.dest
+        copies.append(_Copy(f, f.sha256, _sha(dest.read_bytes()) if dest.exists() else None, manifest.get(f.dest)))
+    return copies
+
+
 def edited_in_place(paths: VendorPaths | None = None, repo_root: Path = REPO_ROOT) -> list[str]:
     """Copies in the vendor tree whose content is neither what set-up wrote nor the repository's file."""
     paths = paths or vendor_paths()
-    manifest = _read_manifest(paths)
-    edited = []
-    for f in overlay_files(repo_root):
-        dest = paths.sdist_tree / f.dest
-        if not dest.exists() or f.dest not in manifest:
-            continue
-        actual = _sha(dest.read_bytes())
-        if actual not in (manifest[f.dest], f.sha256):
-            edited.append(f.dest)
-    return edited
+    return [c.file.dest for c in _scan(paths, repo_root, _read_manifest(paths)) if c.edited]
 
 
 @dataclass
@@ -118,11 +132,9 @@ class OverlayState:
 
 def state(paths: VendorPaths | None = None, repo_root: Path = REPO_ROOT) -> OverlayState:
     paths = paths or vendor_paths()
-    files = overlay_files(repo_root)
-    edited = edited_in_place(paths, repo_root)
-    outdated = [f.dest for f in files if f.dest not in edited and (
-        not (paths.sdist_tree / f.dest).exists() or _sha((paths.sdist_tree / f.dest).read_bytes()) != f.sha256)]
-    return OverlayState(len(files), outdated, edited)
+    copies = _scan(paths, repo_root, _read_manifest(paths))
+    outdated = [c.file.dest for c in copies if not c.edited and c.dest_sha != c.source_sha]
+    return OverlayState(len(copies), outdated, [c.file.dest for c in copies if c.edited])
 
 
 def sync(paths: VendorPaths | None = None, repo_root: Path = REPO_ROOT) -> list[str]:
@@ -133,44 +145,41 @@ def sync(paths: VendorPaths | None = None, repo_root: Path = REPO_ROOT) -> list[
     source was removed from the repository are removed from the vendor tree.
     """
     paths = paths or vendor_paths()
-    files = overlay_files(repo_root)
-    edited = edited_in_place(paths, repo_root)
+    manifest = _read_manifest(paths)
+    copies = _scan(paths, repo_root, manifest)
+    edited = [c.file.dest for c in copies if c.edited]
     if edited:
         raise OverlayError(
             f"the vendor tree's copies of {', '.join(edited)} were edited in place; our own files are edited in "
             f"the repository ({', '.join(sorted(OVERLAYS))}/), and set-up copies them. Move the edit there "
             f"(e.g. `cp vendor/llama-cpp-python/{edited[0]} <its file under native/ or bindings/>`), or delete the "
             f"vendor copy to drop it, then run set-up again.")
-    tracked = set(_upstream_files(paths, [f.dest for f in files]))
-    clash = [f.dest for f in files if f.dest in tracked]
+    tracked = set(_upstream_files(paths, [c.file.dest for c in copies]))
+    clash = [c.file.dest for c in copies if c.file.dest in tracked]
     if clash:
         raise OverlayError(f"{', '.join(clash)} exist in the upstream tree: a file of ours may not replace an upstream "
                            f"file; change upstream files through patches/ instead")
 
-    manifest = _read_manifest(paths)
     written = []
-    for f in files:
-        dest = paths.sdist_tree / f.dest
-        sha = f.sha256
-        if not dest.exists() or _sha(dest.read_bytes()) != sha:
+    for c in copies:
+        if c.dest_sha != c.source_sha:
+            dest = paths.sdist_tree / c.file.dest
             dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f.source, dest)  # a new mtime: incremental builds recompile it
-            written.append(f.dest)
-        manifest[f.dest] = sha
-    current = {f.dest for f in files}
+            shutil.copyfile(c.file.source, dest)  # a new mtime: incremental builds recompile it
+            written.append(c.file.dest)
+        manifest[c.file.dest] = c.source_sha
+    current = {c.file.dest for c in copies}
     for stale in sorted(set(manifest) - current):
         (paths.sdist_tree / stale).unlink(missing_ok=True)
         del manifest[stale]
         log(f"removed {stale} (no longer in the repository)")
     _manifest_path(paths).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     if written:
-        log(f"copied {len(written)} of our {len(files)} source file(s) into the vendor tree")
+        log(f"copied {len(written)} of our {len(copies)} source file(s) into the vendor tree")
     return written
 
 
 def _upstream_files(paths: VendorPaths, names: list[str]) -> list[str]:
-    from .upstream import PRISTINE_TAG, git
-
     if not names:
         return []
     out = git(paths.sdist_tree, "ls-tree", "-r", "--name-only", PRISTINE_TAG, "--", *names).stdout
