@@ -58,6 +58,11 @@ def _reduce(x: np.ndarray, axis: int, how: str) -> np.ndarray:
     raise ValueError(f"unknown reduction {how!r} (accepted: {', '.join(FUSIONS)})")
 
 
+def _kq_scale(d: int, scale: float | None) -> float:
+    """The model's scale of q.k (llama.cpp's kq_scale); None: the usual 1/sqrt(d)."""
+    return 1.0 / np.sqrt(d) if scale is None else scale
+
+
 def layer_scores(q_win: npt.ArrayLike, keys: npt.ArrayLike, evictable: npt.ArrayLike,
                  fusion: str = "sum", group_reduce: str = "sum", scale: float | None = None) -> np.ndarray:
     """MorphKV scores of one layer's cells, per KV head.
@@ -76,7 +81,7 @@ def layer_scores(q_win: npt.ArrayLike, keys: npt.ArrayLike, evictable: npt.Array
         raise ValueError(f"shapes do not match: q_win {q.shape}, keys {k.shape}")
     group = n_head // n_head_kv
     k_per_q = np.repeat(k, group, axis=1)                         # [n_cells, n_head, d]
-    logits = np.einsum("whd,chd->hwc", q, k_per_q) * (1.0 / np.sqrt(d) if scale is None else scale)  # [n_head, W, n_cells]
+    logits = np.einsum("whd,chd->hwc", q, k_per_q) * _kq_scale(d, scale)  # [n_head, W, n_cells]
     logits = np.where(ev[None, None, :], logits, -np.inf)
     logits -= logits.max(axis=-1, keepdims=True)
     prob = np.exp(logits)
@@ -164,7 +169,7 @@ def h2o_increment(q_ring: npt.ArrayLike, keys: npt.ArrayLike, positions: npt.Arr
         pos_max = int(live_pos.max()) if live_pos.size else -1
     pos_q = np.repeat(pos_kv, group, axis=0)                        # [n_head, n_cells]
     k_per_q = np.repeat(k, group, axis=1)                          # [n_cells, n_head, d]
-    logits = np.einsum("rhd,chd->rhc", q, k_per_q) * (1.0 / np.sqrt(d) if scale is None else scale)  # [R, n_head, n_cells]
+    logits = np.einsum("rhd,chd->rhc", q, k_per_q) * _kq_scale(d, scale)  # [R, n_head, n_cells]
     p_r = ring_positions(pos_max, n_rows)
     counted = (p_r >= 0) & (p_r > pos_last_evict)
     total = np.zeros((n_head, n_cells))

@@ -34,23 +34,23 @@ if [ -n "${MORPHKV_PREV_TREE:-}" ]; then
     files="$(python3 - "$prev" "$cur" <<'PY'
 import filecmp, os, sys
 prev, cur = sys.argv[1:]
-changed, gone = [], []
-for top in ("CMakeLists.txt", "src", "include", "common", "ggml/include", "ggml/src", "tools/llama-bench"):
-    for base in (cur, prev):
+
+def files(base):
+    """The files under the folders a llama-bench build reads, relative to base."""
+    for top in ("CMakeLists.txt", "src", "include", "common", "ggml/include", "ggml/src", "tools/llama-bench"):
         path = os.path.join(base, top)
-        walk = os.walk(path) if os.path.isdir(path) else [(base, [], [top])] if os.path.isfile(path) else []
-        for dirpath, _, names in walk:
-            for name in names:
-                rel = os.path.relpath(os.path.join(dirpath, name), base)
-                other = os.path.join(prev if base == cur else cur, rel)
-                if base == prev and not os.path.exists(other):
-                    gone.append(rel)
-                elif base == cur and os.path.exists(other) and not filecmp.cmp(other, os.path.join(cur, rel), shallow=False):
-                    changed.append(rel)
+        if os.path.isfile(path):
+            yield top
+        for dirpath, _, names in os.walk(path):
+            yield from (os.path.relpath(os.path.join(dirpath, n), base) for n in names)
+
+gone = [rel for rel in files(prev) if not os.path.exists(os.path.join(cur, rel))]
+changed = [rel for rel in files(cur) if os.path.exists(os.path.join(prev, rel))
+           and not filecmp.cmp(os.path.join(prev, rel), os.path.join(cur, rel), shallow=False)]
 if gone:
     sys.exit(f"MORPHKV_PREV_TREE: {', '.join(sorted(gone)[:5])} exist only in the prev tree (a prev build swaps changed files, "
              f"it cannot add files the current tree lacks)")
-print(" ".join(sorted(set(changed))))
+print(" ".join(sorted(changed)))
 PY
 )" || exit 2
     [ -n "$files" ] || { echo "MORPHKV_PREV_TREE: no file differs from the current patched tree" >&2; exit 2; }

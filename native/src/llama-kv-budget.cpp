@@ -346,7 +346,7 @@ bool llama_kv_cache::budget_evict_due(bool optimize) const {
         return !budget->compressed && (optimize || budget->n_batch_tokens == 1);
     }
     // optimize: a ubatch found no free slot (decode's retry path)
-    return optimize || n_used >= p.budget + p.interval;
+    return optimize || p.full(n_used);
 }
 
 // what an eviction leaves in the cells, for planning: C cells in use, at [0, C), holding (as far as the plan
@@ -384,7 +384,7 @@ llama_kv_cache::slot_info_vec_t llama_kv_cache::budget_prepare(const std::vector
     for (size_t i = 0; i < ubatches.size(); ++i) {
         auto & cells = v_cells[0];
         // as between two batches: evict once C + S cells are in use, or when the ubatch does not fit
-        bool evict = i > 0 && cells.get_used() >= p.budget + p.interval;
+        bool evict = i > 0 && p.full(cells.get_used());
         slot_info sinfo;
         if (!evict) {
             sinfo = find_slot(ubatches[i], false);

@@ -41,6 +41,9 @@ struct llama_kv_budget_params {
 
     bool enabled() const { return budget > 0; }
 
+    // an eviction is due with n_used cells in use: C + S of them
+    bool full(uint32_t n_used) const { return n_used >= budget + interval; }
+
     // evictions run between the ubatches of a batch (a prompt of any length fits the cache); SnapKV compresses
     // once, after the prompt, in a cache of n_ctx cells
     bool evicts_between_ubatches() const { return enabled() && policy != LLAMA_KV_POLICY_SNAPKV; }
