@@ -3,19 +3,14 @@ ubatches, and every output index of the batch is the batch's own (llama-server a
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import socket
-import subprocess
-import time
-import urllib.request
 
 import numpy as np
 import pytest
 import llama_cpp
 
 from conftest import require_tools
+from llama_server import LlamaServer
 
 N_UBATCH = 256
 
@@ -118,60 +113,23 @@ def test_outputs_before_the_first_eviction_equal_the_full_cache(model, long_toke
         llama_cpp.llama_free(full_ctx)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(port: int, path: str, body: dict, timeout: float = 300) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
 def test_llama_server_answers_a_prompt_longer_than_a_ubatch(model_path, data_dir, tmp_path):
     """llama-server with a budget: a ~1000-token prompt (several ubatches, evictions between them) is answered,
     again and edited, and the server is still serving afterwards."""
     server = require_tools("llama-server")[("llama-server", "patched")]
-    port = _free_port()
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([str(server), "-m", str(model_path), "--host", "127.0.0.1", "--port", str(port),
-                             "-c", "8192", "--kv-budget", "128", "-t", "2", "-ub", "256", "--no-warmup"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "llama-server did not become ready"
-            time.sleep(0.5)
+    args = ["-c", "8192", "-np", "1", "--kv-budget", "128", "-t", "2", "-ub", "256", "--no-warmup"]
+    with LlamaServer(server, model_path, tmp_path / "server.log", args) as srv:
         prompt = ((data_dir / "sample.txt").read_text() * 2)[:5000]
         # the same prompt again (its cached prefix reused), then one edited near its start and one near its end:
         # a budgeted cache keeps a prefix only up to its last eviction, otherwise the prompt is evaluated again
         edited_start = "Summary of the log. " + prompt[40:]
         edited_end = prompt[:-60] + " The end."
         for text in (prompt, prompt, edited_start, edited_end):
-            out = _post(port, "/completion", {"prompt": text, "n_predict": 16, "temperature": 0})
+            out = srv.post("/completion", {"prompt": text, "n_predict": 16, "temperature": 0})
             assert out["tokens_evaluated"] > 600 and out["tokens_predicted"] == 16, out
             assert out["content"].strip()
-        assert proc.poll() is None, "the server stopped"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/props", timeout=30) as resp:
-            props = json.loads(resp.read())
+        assert srv.alive(), "the server stopped"
+        props = srv.get("/props")
         assert props["kv_budget"]["kv_budget"] == 128 and props["kv_budget"]["kv_policy"] == "morphkv"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/slots", timeout=30) as resp:
-            slot = json.loads(resp.read())[0]
+        slot = srv.get("/slots")[0]
         assert slot["kv_budget"]["n_evictions"] > 0 and slot["kv_budget"]["n_used"] <= 128 + 256
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()

@@ -94,8 +94,15 @@ void llama_kv_budget_configure(const llama_context_params & params, llama_cparam
                 (int) params.kv_policy, LLAMA_KV_POLICY_MORPHKV, LLAMA_KV_POLICY_STREAMING, LLAMA_KV_POLICY_H2O,
                 LLAMA_KV_POLICY_SNAPKV));
     }
-    if (params.n_seq_max > 1) {
-        kv_budget_fail(format("supports one sequence per context, got n_seq_max = %u", params.n_seq_max));
+    // every sequence keeps its own budget in its own stream of the cache; a unified cache mixes the sequences'
+    // cells in one stream, whose evictions would trade one sequence's tokens for another's
+    if (params.n_seq_max > 1 && params.kv_unified) {
+        kv_budget_fail(format("needs a cache per sequence: n_seq_max = %u with a unified KV cache (kv_unified) is not "
+                "supported; turn kv_unified off (llama-server: --no-kv-unified) or use one sequence", params.n_seq_max));
+    }
+    if (params.n_seq_max > 1 && params.kv_policy == LLAMA_KV_POLICY_SNAPKV) {
+        kv_budget_fail(format("kv_policy snapkv compresses the prompt of one sequence (n_seq_max = 1), got n_seq_max = %u",
+                params.n_seq_max));
     }
     if (params.flash_attn_type == LLAMA_FLASH_ATTN_TYPE_DISABLED) {
         kv_budget_fail("needs flash attention, which was explicitly disabled; enable it (or leave it on auto)");
@@ -127,9 +134,10 @@ void llama_kv_budget_configure(const llama_context_params & params, llama_cparam
     cparams.auto_fa    = false;
 
     LLAMA_LOG_INFO("%s: KV budget: policy %s, %u cells kept (window %u, sinks %u), eviction every %u tokens%s, fusion %s, "
-            "group %s, granularity %s -> %u cells allocated\n", __func__, kv_policy_name(kb.policy), kb.budget, kb.window,
-            kb.sinks, kb.interval, params.kv_evict_interval ? "" : " (auto)", kv_fusion_name(kb.fusion), kv_fusion_name(kb.group_reduce),
-            kv_granularity_name(kb.granularity), kb.n_cells ? kb.n_cells : cparams.n_ctx);
+            "group %s, granularity %s -> %u cells allocated per sequence (%u sequences)\n", __func__, kv_policy_name(kb.policy),
+            kb.budget, kb.window, kb.sinks, kb.interval, params.kv_evict_interval ? "" : " (auto)", kv_fusion_name(kb.fusion),
+            kv_fusion_name(kb.group_reduce), kv_granularity_name(kb.granularity), kb.n_cells ? kb.n_cells : cparams.n_ctx,
+            std::max(1u, params.n_seq_max));
 }
 
 void llama_kv_budget_check_model(const llama_model & model) {
@@ -173,13 +181,13 @@ size_t llama_kv_budget_state::aux_bytes() const {
 
 void llama_kv_cache::budget_init(const llama_kv_budget_params & params) {
     GGML_ASSERT(params.enabled());
-    GGML_ASSERT(n_stream == 1 && "a KV budget supports one stream");
     GGML_ASSERT(!v_trans && "a KV budget needs the non-transposed V cache (flash attention)");
     GGML_ASSERT(!other);
 
     budget = std::make_unique<llama_kv_budget_state>();
     auto & B = *budget;
-    B.params = params;
+    B.params   = params;
+    B.n_stream = n_stream;
 
     // one query window per layer, on the layer's buffer type, so scoring never leaves the device
     std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_map;
@@ -199,12 +207,12 @@ void llama_kv_cache::budget_init(const llama_kv_budget_params & params) {
             it = ctx_map.emplace(buft, ctx).first;
         }
         const int64_t n_embd_q = (int64_t) hparams.n_embd_head_k(layer.il) * hparams.n_head(layer.il);
-        ggml_tensor * q = ggml_new_tensor_2d(it->second, GGML_TYPE_F32, n_embd_q, params.n_q_rows());
+        ggml_tensor * q = ggml_new_tensor_2d(it->second, GGML_TYPE_F32, n_embd_q, (int64_t) params.n_q_rows()*n_stream);
         ggml_format_name(q, "kv_budget_q_win_l%d", layer.il);
         B.q_win.push_back(q);
 
         if (params.policy == LLAMA_KV_POLICY_H2O) {
-            ggml_tensor * a = ggml_new_tensor_2d(it->second, GGML_TYPE_F32, get_size(), hparams.n_head_kv(layer.il));
+            ggml_tensor * a = ggml_new_tensor_3d(it->second, GGML_TYPE_F32, get_size(), hparams.n_head_kv(layer.il), n_stream);
             ggml_format_name(a, "kv_budget_acc_l%d", layer.il);
             B.acc.push_back(a);
         }
@@ -257,11 +265,15 @@ void llama_kv_cache::budget_init(const llama_kv_budget_params & params) {
         }
     }
 
-    B.comp_pos.assign((size_t) layers.size()*B.n_head_kv_max*get_size(), -1);
-    B.comp_cell_pos.assign(get_size(), -1);
-    B.acc_valid.assign(get_size(), 0);
+    B.streams.resize(n_stream);
+    for (auto & S : B.streams) {
+        S.comp_pos.assign((size_t) layers.size()*B.n_head_kv_max*get_size(), -1);
+        S.comp_cell_pos.assign(get_size(), -1);
+        S.acc_valid.assign(get_size(), 0);
+    }
 
-    LLAMA_LOG_INFO("%s: KV budget active: %u cells, query windows %.2f MiB\n", __func__, get_size(), B.aux_bytes()/1024.0/1024.0);
+    LLAMA_LOG_INFO("%s: KV budget active: %u cells x %u sequences, query windows %.2f MiB\n", __func__, get_size(), n_stream,
+            B.aux_bytes()/1024.0/1024.0);
 }
 
 // the reducers of the fused scoring op
@@ -332,38 +344,57 @@ uint32_t llama_kv_cache::budget_n_head_kv(uint32_t ikv) const {
     return hparams.n_head_kv(layers.at(ikv).il);
 }
 
-bool llama_kv_cache::budget_evict_due(bool optimize) const {
-    if (!budget) {
-        return false;
-    }
+void llama_kv_budget_stream::reset() {
+    std::fill(comp_cell_pos.begin(), comp_cell_pos.end(), -1);
+    std::fill(acc_valid.begin(), acc_valid.end(), 0);
+    last_evict_pos_max = -1;
+    compressed = false;
+}
+
+// the sequence stream s holds: a budget needs a cache per sequence (or one sequence), so stream s holds sequence s
+static llama_seq_id kv_budget_stream_seq(uint32_t s) {
+    return (llama_seq_id) s;
+}
+
+bool llama_kv_cache::budget_stream_due(uint32_t s, bool optimize) const {
     const auto & p = budget->params;
-    const uint32_t n_used = v_cells[0].get_used();
+    const uint32_t n_used = v_cells[s].get_used();
     if (n_used <= p.budget) {
         return false;
     }
     if (p.policy == LLAMA_KV_POLICY_SNAPKV) {
         // once, when the prompt is done: before the first single-token batch (or when it no longer fits)
-        return !budget->compressed && (optimize || budget->n_batch_tokens == 1);
+        return !budget->streams[s].compressed && (optimize || budget->n_batch_tokens == 1);
     }
     // optimize: a ubatch found no free slot (decode's retry path)
     return optimize || p.full(n_used);
 }
 
-// what an eviction leaves in the cells, for planning: C cells in use, at [0, C), holding (as far as the plan
-// cares) the newest positions; the real eviction's positions and, per token, its layout may differ: the
+std::vector<uint32_t> llama_kv_cache::budget_streams_due(bool optimize) const {
+    std::vector<uint32_t> res;
+    for (uint32_t s = 0; budget && s < n_stream; ++s) {
+        if (budget_stream_due(s, optimize)) {
+            res.push_back(s);
+        }
+    }
+    return res;
+}
+
+// what an eviction leaves in a stream's cells, for planning: C cells in use, at [0, C), holding (as far as the
+// plan cares) the newest positions; the real eviction's positions and, per token, its layout may differ: the
 // slots after an eviction are found again when it has run (budget_before_ubatch)
-static void kv_budget_plan_evict(llama_kv_cells & cells, uint32_t & head, uint32_t n_keep) {
-    const llama_pos pos_max = cells.seq_pos_max(0);
+static void kv_budget_plan_evict(llama_kv_cells & cells, uint32_t & head, uint32_t n_keep, llama_seq_id seq) {
+    const llama_pos pos_max = cells.seq_pos_max(seq);
     cells.reset();
     for (uint32_t r = 0; r < n_keep; ++r) {
         cells.pos_set(r, std::max<llama_pos>(0, pos_max - (llama_pos) (n_keep - 1 - r)));
-        cells.seq_add(r, 0);
+        cells.seq_add(r, seq);
     }
     head = n_keep;
 }
 
 llama_kv_cache::slot_info_vec_t llama_kv_cache::budget_prepare(const std::vector<llama_ubatch> & ubatches,
-        std::vector<uint8_t> & evict_before) {
+        std::vector<std::vector<uint32_t>> & evict_before) {
     auto & B = *budget;
     const auto & p = B.params;
 
@@ -374,48 +405,69 @@ llama_kv_cache::slot_info_vec_t llama_kv_cache::budget_prepare(const std::vector
     }
 
     // the plan places the ubatches in the real cells, which it restores at the end
-    const llama_kv_cells cells_old = v_cells[0];
-    const uint32_t head_old = v_heads[0];
-    const std::vector<llama_pos> comp_cell_pos_old = B.comp_cell_pos;
-    const std::vector<uint8_t>   acc_valid_old     = B.acc_valid;
+    const std::vector<llama_kv_cells> cells_old = v_cells;
+    const std::vector<uint32_t> heads_old = v_heads;
+    std::vector<std::pair<std::vector<llama_pos>, std::vector<uint8_t>>> marks_old; // what apply_ubatch changes
+    for (const auto & S : B.streams) {
+        marks_old.emplace_back(S.comp_cell_pos, S.acc_valid);
+    }
 
     slot_info_vec_t res;
-    evict_before.assign(ubatches.size(), 0);
+    evict_before.assign(ubatches.size(), {});
     for (size_t i = 0; i < ubatches.size(); ++i) {
-        auto & cells = v_cells[0];
-        // as between two batches: evict once C + S cells are in use, or when the ubatch does not fit
-        bool evict = i > 0 && p.full(cells.get_used());
-        slot_info sinfo;
-        if (!evict) {
-            sinfo = find_slot(ubatches[i], false);
-            evict = sinfo.empty() && i > 0 && cells.get_used() > p.budget;
+        const auto & ubatch = ubatches[i];
+        // the streams of the ubatch's sequences
+        std::vector<uint32_t> strms;
+        for (uint32_t k = 0; k < ubatch.n_seqs_unq; ++k) {
+            strms.push_back(seq_to_stream[ubatch.seq_id_unq[k]]);
         }
-        if (evict) {
-            kv_budget_plan_evict(cells, v_heads[0], p.budget);
-            sinfo = find_slot(ubatches[i], false);
+        // as between two batches: evict a stream once C + S of its cells are in use, or, when the ubatch does
+        // not fit, every stream of the ubatch that holds more than C
+        auto & evict = evict_before[i];
+        for (uint32_t s : strms) {
+            if (i > 0 && p.full(v_cells[s].get_used())) {
+                evict.push_back(s);
+            }
+        }
+        slot_info sinfo;
+        if (evict.empty()) {
+            sinfo = find_slot(ubatch, false);
+            for (uint32_t s : strms) {
+                if (sinfo.empty() && i > 0 && v_cells[s].get_used() > p.budget) {
+                    evict.push_back(s);
+                }
+            }
+        }
+        if (!evict.empty()) {
+            for (uint32_t s : evict) {
+                kv_budget_plan_evict(v_cells[s], v_heads[s], p.budget, kv_budget_stream_seq(s));
+            }
+            sinfo = find_slot(ubatch, false);
         }
         if (sinfo.empty()) {
             res.clear();
             break;
         }
-        evict_before[i] = evict;
         res.push_back(sinfo);
-        apply_ubatch(sinfo, ubatches[i]);
+        apply_ubatch(sinfo, ubatch);
     }
 
-    v_cells[0] = cells_old;
-    v_heads[0] = head_old;
-    B.comp_cell_pos = comp_cell_pos_old;
-    B.acc_valid     = acc_valid_old;
+    v_cells = cells_old;
+    v_heads = heads_old;
+    for (uint32_t s = 0; s < n_stream; ++s) {
+        B.streams[s].comp_cell_pos = std::move(marks_old[s].first);
+        B.streams[s].acc_valid     = std::move(marks_old[s].second);
+    }
 
     return res;
 }
 
-bool llama_kv_cache::budget_before_ubatch(bool evict, bool & evicted, slot_info & sinfo, const llama_ubatch & ubatch) {
+bool llama_kv_cache::budget_before_ubatch(const std::vector<uint32_t> & evict, bool & evicted, slot_info & sinfo,
+        const llama_ubatch & ubatch) {
     GGML_ASSERT(budget);
-    if (evict) {
+    if (!evict.empty()) {
         llama_context * lctx = budget->lctx;
-        if (!lctx || !budget_evict(lctx)) {
+        if (!lctx || !budget_evict(lctx, evict)) {
             LLAMA_LOG_ERROR("%s: the eviction planned between two ubatches did not run\n", __func__);
             return false;
         }
@@ -437,27 +489,33 @@ bool llama_kv_cache_context::needs_graph_reserve() const {
     // context's scheduler, but the next graph's allocation plans the compute buffer again by itself, so
     // reserving the worst case (a ubatch-sized graph built and planned) after every eviction is host time
     // spent on nothing
-    return do_shift || !sc_info.empty() || !do_evict;
+    return do_shift || !sc_info.empty() || evict_streams.empty();
 }
 
-llama_pos llama_kv_cache::budget_orig_pos(uint32_t ikv, uint32_t h, uint32_t i) const {
-    const auto & cells = v_cells[0];
+llama_pos llama_kv_cache::budget_orig_pos(uint32_t s, uint32_t ikv, uint32_t h, uint32_t i) const {
+    const auto & cells = v_cells[s];
     if (cells.is_empty(i)) {
         return -1;
     }
     const llama_pos pos = cells.pos_get(i);
-    if (budget && budget->comp_cell_pos[i] >= 0) {
-        return budget->comp_pos[((size_t) ikv*budget->n_head_kv_max + h)*get_size() + i];
+    if (budget && budget->streams[s].comp_cell_pos[i] >= 0) {
+        return budget->streams[s].comp_pos[((size_t) ikv*budget->n_head_kv_max + h)*get_size() + i];
     }
     return pos;
 }
 
+// the query window keeps the last min(W, n) of each sequence's n tokens in the ubatch: one stream takes the
+// ubatch's last tokens (a simple split: one sequence), several take the tail of each sequence's equal share
+// (split_equal lays the sequences out one after the other); q_idxs is I64 [kept per sequence, sequences]
 ggml_tensor * llama_kv_cache::build_input_q_idxs(ggml_context * ctx, const llama_ubatch & ubatch) const {
     if (!budget) {
         return nullptr;
     }
-    const uint32_t n_keep = std::min(ubatch.n_tokens, budget->params.n_q_rows());
-    ggml_tensor * idxs = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n_keep);
+    const bool per_seq = n_stream > 1 && ubatch.equal_seqs();
+    const uint32_t n_seqs   = per_seq ? ubatch.n_seqs : 1;
+    const uint32_t n_tokens = per_seq ? ubatch.n_seq_tokens : ubatch.n_tokens;
+    const uint32_t n_keep   = std::min(n_tokens, budget->params.n_q_rows());
+    ggml_tensor * idxs = ggml_new_tensor_2d(ctx, GGML_TYPE_I64, n_keep, n_seqs);
     ggml_set_input(idxs);
     return idxs;
 }
@@ -468,13 +526,18 @@ void llama_kv_cache::set_input_q_idxs(ggml_tensor * dst, const llama_ubatch * ub
 
     int64_t * data = (int64_t *) dst->data;
     const uint32_t n_keep = dst->ne[0];
+    const uint32_t n_seqs = dst->ne[1];
     const uint32_t n_rows = budget->params.n_q_rows();
-    GGML_ASSERT(n_keep <= ubatch->n_tokens);
+    const uint32_t n_seq_tokens = ubatch->n_tokens/n_seqs;
+    GGML_ASSERT(n_keep <= n_seq_tokens && n_seqs*n_seq_tokens == ubatch->n_tokens);
 
-    // a sequence's positions are consecutive, so the last <= n_rows tokens land on distinct slots
-    for (uint32_t j = 0; j < n_keep; ++j) {
-        const uint32_t t = ubatch->n_tokens - n_keep + j;
-        data[j] = ubatch->pos[t] % n_rows;
+    // a sequence's positions are consecutive, so its last <= n_rows tokens land on distinct slots of its stream's rows
+    for (uint32_t k = 0; k < n_seqs; ++k) {
+        for (uint32_t j = 0; j < n_keep; ++j) {
+            const uint32_t t = k*n_seq_tokens + n_seq_tokens - n_keep + j;
+            const uint32_t s = seq_to_stream[ubatch->seq_id[t][0]];
+            data[k*n_keep + j] = (int64_t) s*n_rows + ubatch->pos[t] % n_rows;
+        }
     }
 }
 
@@ -491,19 +554,26 @@ ggml_tensor * llama_kv_cache::cpy_q(ggml_context * ctx, ggml_tensor * q_cur, ggm
     const int64_t n_embd_q = q_cur->ne[0]*q_cur->ne[1];
     const int64_t n_tokens = q_cur->ne[2];
     const int64_t n_keep   = q_idxs->ne[0];
+    const int64_t n_seqs   = q_idxs->ne[1];
+    const int64_t n_seq_tokens = n_tokens/n_seqs;
     GGML_ASSERT(n_embd_q == dst->ne[0]);
-    GGML_ASSERT(n_keep <= n_tokens);
+    GGML_ASSERT(n_keep <= n_seq_tokens && n_seqs*n_seq_tokens == n_tokens);
 
     ggml_tensor * q = q_cur;
     if (!ggml_is_contiguous(q)) {
         q = ggml_cont(ctx, q);
     }
-    q = ggml_view_2d(ctx, q, n_embd_q, n_keep, q->nb[2], (n_tokens - n_keep)*q->nb[2]);
+    // the last n_keep rows of each sequence's n_seq_tokens
+    q = ggml_view_3d(ctx, q, n_embd_q, n_keep, n_seqs, q->nb[2], n_seq_tokens*q->nb[2], (n_seq_tokens - n_keep)*q->nb[2]);
+    if (n_seqs > 1 && n_keep < n_seq_tokens) {
+        q = ggml_cont(ctx, q);
+    }
+    q = ggml_reshape_2d(ctx, q, n_embd_q, n_keep*n_seqs);
     if (q->type != GGML_TYPE_F32) {
         q = ggml_cast(ctx, q, GGML_TYPE_F32);
     }
 
-    return ggml_set_rows(ctx, dst, q, q_idxs);
+    return ggml_set_rows(ctx, dst, q, ggml_reshape_1d(ctx, q_idxs, n_keep*n_seqs));
 }
 
 namespace {
@@ -610,9 +680,10 @@ ggml_tensor * kv_budget_scores_composed(ggml_context * ctx, ggml_tensor * q, ggm
     return ggml_reshape_2d(ctx, a, n_kv, n_hkv);
 }
 
-// [d, n_kv, n_head_kv] view of a layer's K or V rows (cell i of KV head h at row i, head offset d)
-ggml_tensor * kv_budget_heads_view(ggml_context * ctx, ggml_tensor * t, int64_t d, int64_t n_kv, int64_t n_hkv, int64_t n_embd_gqa) {
-    return ggml_view_3d(ctx, t, d, n_kv, n_hkv, ggml_row_size(t->type, n_embd_gqa), ggml_row_size(t->type, d), 0);
+// [d, n_kv, n_head_kv] view of a layer's K or V rows in stream s (cell i of KV head h at row i, head offset d)
+ggml_tensor * kv_budget_heads_view(ggml_context * ctx, ggml_tensor * t, int64_t d, int64_t n_kv, int64_t n_hkv, int64_t n_embd_gqa,
+        uint32_t s) {
+    return ggml_view_3d(ctx, t, d, n_kv, n_hkv, ggml_row_size(t->type, n_embd_gqa), ggml_row_size(t->type, d), s*t->nb[2]);
 }
 
 } // namespace
@@ -626,7 +697,7 @@ static constexpr float KV_BUDGET_PROTECTED_BIAS = 1e6f;
 // mask of the query rows (H2O: causal, weighted), the scores of one layer (H2O accumulates, SnapKV
 // smooths, streaming has none) and whether the heads choose apart (head granularity) or together.
 struct llama_kv_budget_evict {
-    llama_kv_budget_evict(llama_kv_cache & kv, llama_context * lctx);
+    llama_kv_budget_evict(llama_kv_cache & kv, llama_context * lctx, uint32_t strm);
 
     bool run();
 
@@ -650,6 +721,9 @@ private:
     llama_kv_cache        & kv;
     llama_kv_budget_state & B;
     const llama_kv_budget_params & p;
+    const uint32_t          strm; // the stream (sequence) evicted
+    const llama_seq_id      seq;
+    llama_kv_budget_stream & S;
     llama_kv_cells        & cells;
     llama_context         * lctx;
 
@@ -673,8 +747,9 @@ private:
     int64_t t_prev_us = 0, t_start_us = 0, t_inputs_us = 0, t_order_us = 0, t_read_us = 0, t_gather_us = 0, t_meta_us = 0, t_wait_us = 0;
 };
 
-llama_kv_budget_evict::llama_kv_budget_evict(llama_kv_cache & kv, llama_context * lctx) :
-        kv(kv), B(*kv.budget), p(kv.budget->params), cells(kv.v_cells[0]), lctx(lctx) {
+llama_kv_budget_evict::llama_kv_budget_evict(llama_kv_cache & kv, llama_context * lctx, uint32_t strm) :
+        kv(kv), B(*kv.budget), p(kv.budget->params), strm(strm), seq(kv_budget_stream_seq(strm)), S(kv.budget->streams[strm]),
+        cells(kv.v_cells[strm]), lctx(lctx) {
     // the previous ubatch's graph may still run: wait for it here, so that the stages time the eviction alone
     t_start_us = ggml_time_us();
     ggml_backend_sched_synchronize(lctx->get_sched());
@@ -685,7 +760,7 @@ llama_kv_budget_evict::llama_kv_budget_evict(llama_kv_cache & kv, llama_context 
     n_kv    = cells.used_max_p1();
     n_keep  = p.budget;
     n_rows  = p.n_q_rows();
-    pos_max = cells.seq_pos_max(0);
+    pos_max = cells.seq_pos_max(seq);
 
     streaming = p.policy == LLAMA_KV_POLICY_STREAMING;
     h2o       = p.policy == LLAMA_KV_POLICY_H2O;
@@ -754,10 +829,10 @@ bool llama_kv_budget_evict::run() {
     }
     t_wait_us = ggml_time_us() - t0;
 
-    B.n_evictions++;
-    B.last_evict_pos_max = pos_max;
-    B.compressed = true;
-    B.t_evict_us += ggml_time_us() - t_start_us;
+    S.n_evictions++;
+    S.last_evict_pos_max = pos_max;
+    S.compressed = true;
+    S.t_evict_us += ggml_time_us() - t_start_us;
 
     log_done();
     return true;
@@ -779,7 +854,7 @@ void llama_kv_budget_evict::plan_cells() {
             continue;
         }
         const llama_pos pos = cells.pos_get(i);
-        const bool composite = B.comp_cell_pos[i] >= 0;
+        const bool composite = S.comp_cell_pos[i] >= 0;
         if (!composite && (pos > pos_max - (llama_pos) p.window || pos < (llama_pos) p.sinks)) {
             row[i] = ninf;
             prot.emplace_back(pos, i);
@@ -830,11 +905,11 @@ void llama_kv_budget_evict::fill_inputs_h2o() {
     inp.row_w_data.assign(n_rows, 0.0f);
     inp.old_data.resize(n_kv);
     for (uint32_t i = 0; i < n_kv; ++i) {
-        inp.old_data[i] = B.acc_valid[i] ? 1.0f : 0.0f;
+        inp.old_data[i] = S.acc_valid[i] ? 1.0f : 0.0f;
     }
     for (uint32_t r = 0; r < n_rows; ++r) {
         const llama_pos p_r = pos_max - (llama_pos) ((pos_max % n_rows + n_rows - r) % n_rows);
-        const bool counted  = p_r >= 0 && p_r > B.last_evict_pos_max;
+        const bool counted  = p_r >= 0 && p_r > S.last_evict_pos_max;
         inp.row_w_data[r]   = counted ? 1.0f : 0.0f;
         float * m = inp.mask_data.data() + (size_t) r*n_kv;
         for (uint32_t i = 0; i < n_kv; ++i) {
@@ -859,8 +934,8 @@ ggml_tensor * llama_kv_budget_evict::layer_scores(ggml_context * ctx, llm_graph_
 
     // [d, n_head, n_rows] queries (the ring) and [d, n_kv, n_head_kv] keys (query head h reads KV head h/n_grp)
     ggml_tensor * q = ggml_view_3d(ctx, B.q_win[ikv], d_k, n_h, n_rows,
-            ggml_row_size(GGML_TYPE_F32, d_k), B.q_win[ikv]->nb[1], 0);
-    ggml_tensor * k = kv_budget_heads_view(ctx, layer.k, d_k, n_kv, n_hkv, hparams.n_embd_k_gqa(il));
+            ggml_row_size(GGML_TYPE_F32, d_k), B.q_win[ikv]->nb[1], (size_t) strm*n_rows*B.q_win[ikv]->nb[1]);
+    ggml_tensor * k = kv_budget_heads_view(ctx, layer.k, d_k, n_kv, n_hkv, hparams.n_embd_k_gqa(il), strm);
 
     // softmax of every query row over the cells, fused over the rows (H2O: the weighted sum of the queries
     // since the last eviction), then over the query heads of each KV head
@@ -876,7 +951,7 @@ ggml_tensor * llama_kv_budget_evict::layer_scores(ggml_context * ctx, llm_graph_
 
     if (h2o) {
         // the scores accumulated before (valid cells only) + the attention since
-        ggml_tensor * acc_view = ggml_view_2d(ctx, B.acc[ikv], n_kv, n_hkv, B.acc[ikv]->nb[1], 0);
+        ggml_tensor * acc_view = ggml_view_2d(ctx, B.acc[ikv], n_kv, n_hkv, B.acc[ikv]->nb[1], strm*B.acc[ikv]->nb[2]);
         scores = ggml_add(ctx, ggml_mul(ctx, acc_view, inp->old), scores);
     }
     if (snapkv) {
@@ -907,7 +982,7 @@ void llama_kv_budget_evict::build_order(ggml_context * ctx, ggml_cgraph * gf, ll
         }
         if (h2o) {
             // cells stay where they are: the accumulated scores too
-            ggml_tensor * acc_view = ggml_view_2d(ctx, B.acc[ikv], n_kv, scores->ne[1], B.acc[ikv]->nb[1], 0);
+            ggml_tensor * acc_view = ggml_view_2d(ctx, B.acc[ikv], n_kv, scores->ne[1], B.acc[ikv]->nb[1], strm*B.acc[ikv]->nb[2]);
             ggml_build_forward_expand(gf, ggml_cpy(ctx, acc_now, acc_view));
         }
         ggml_tensor * s = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_transpose(ctx, scores))); // [1, n_kv]
@@ -951,19 +1026,19 @@ void llama_kv_budget_evict::build_gather(ggml_context * ctx, ggml_cgraph * gf, l
 
         ggml_tensor * sel = ggml_view_2d(ctx, order, n_keep, n_hkv, order->nb[1], row_off[ikv]*order->nb[1]);
 
-        ggml_tensor * k_kept = ggml_get_rows(ctx, kv_budget_heads_view(ctx, layer.k, d_k, n_kv, n_hkv, hparams.n_embd_k_gqa(il)), sel);
-        ggml_tensor * k_dst  = kv_budget_heads_view(ctx, layer.k, d_k, kv_size, n_hkv, hparams.n_embd_k_gqa(il));
+        ggml_tensor * k_kept = ggml_get_rows(ctx, kv_budget_heads_view(ctx, layer.k, d_k, n_kv, n_hkv, hparams.n_embd_k_gqa(il), strm), sel);
+        ggml_tensor * k_dst  = kv_budget_heads_view(ctx, layer.k, d_k, kv_size, n_hkv, hparams.n_embd_k_gqa(il), strm);
         ggml_build_forward_expand(gf, ggml_set_rows(ctx, k_dst, k_kept, inp->dst));
 
-        ggml_tensor * v_kept = ggml_get_rows(ctx, kv_budget_heads_view(ctx, layer.v, d_v, n_kv, n_hkv, hparams.n_embd_v_gqa(il)), sel);
-        ggml_tensor * v_dst  = kv_budget_heads_view(ctx, layer.v, d_v, kv_size, n_hkv, hparams.n_embd_v_gqa(il));
+        ggml_tensor * v_kept = ggml_get_rows(ctx, kv_budget_heads_view(ctx, layer.v, d_v, n_kv, n_hkv, hparams.n_embd_v_gqa(il), strm), sel);
+        ggml_tensor * v_dst  = kv_budget_heads_view(ctx, layer.v, d_v, kv_size, n_hkv, hparams.n_embd_v_gqa(il), strm);
         ggml_build_forward_expand(gf, ggml_set_rows(ctx, v_dst, v_kept, inp->dst));
 
         if (h2o) {
             // the accumulated scores move with their tokens
             ggml_tensor * a_kept = ggml_get_rows(ctx, ggml_reshape_3d(ctx, layer_acc[ikv], 1, n_kv, n_hkv), sel);
             ggml_tensor * a_dst  = ggml_view_3d(ctx, B.acc[ikv], 1, kv_size, n_hkv,
-                    ggml_element_size(B.acc[ikv]), B.acc[ikv]->nb[1], 0);
+                    ggml_element_size(B.acc[ikv]), B.acc[ikv]->nb[1], strm*B.acc[ikv]->nb[2]);
             ggml_build_forward_expand(gf, ggml_set_rows(ctx, a_dst, a_kept, inp->dst));
         }
     }
@@ -1072,12 +1147,12 @@ void llama_kv_budget_evict::rewrite_token() {
     for (uint32_t i = 0; i < n_kv; ++i) {
         if (!keep[i] && !cells.is_empty(i)) {
             cells.rm(i);
-            B.comp_cell_pos[i] = -1;
+            S.comp_cell_pos[i] = -1;
         }
-        B.acc_valid[i] = keep[i];
+        S.acc_valid[i] = keep[i];
     }
-    B.n_evicted += n_used - n_keep;
-    kv.v_heads[0] = 0;
+    S.n_evicted += n_used - n_keep;
+    kv.v_heads[strm] = 0;
 }
 
 // per head: cells [0, C) become composite cells; each (layer, KV head) records the original position of
@@ -1088,10 +1163,10 @@ void llama_kv_budget_evict::rewrite_head() {
     // the new per-head positions are written into a scratch table that is then swapped in, so that every head
     // reads the old table; a cell's original position is, per head, its composite position or else its own
     // (cell_pos: -1 empty, -2 composite)
-    B.comp_pos_next.resize(B.comp_pos.size());
+    B.comp_pos_next.resize(S.comp_pos.size());
     std::vector<llama_pos> cell_pos(n_kv);
     for (uint32_t i = 0; i < n_kv; ++i) {
-        cell_pos[i] = cells.is_empty(i) ? -1 : B.comp_cell_pos[i] >= 0 ? -2 : cells.pos_get(i);
+        cell_pos[i] = cells.is_empty(i) ? -1 : S.comp_cell_pos[i] >= 0 ? -2 : cells.pos_get(i);
     }
 
     // the layers are independent (C x n_head_kv entries each): on large caches they are split over a few of the
@@ -1122,24 +1197,24 @@ void llama_kv_budget_evict::rewrite_head() {
         }
     }
     for (const auto & layer : kv.layers) {
-        B.n_evicted += (uint64_t) (n_used - n_keep)*hparams.n_head_kv(layer.il);
+        S.n_evicted += (uint64_t) (n_used - n_keep)*hparams.n_head_kv(layer.il);
     }
 
     // every cell below n_kv is rewritten and none above is used: start from empty cells
     const uint32_t n_prot = prot.size();
     cells.reset();
-    std::fill(B.comp_cell_pos.begin(), B.comp_cell_pos.end(), -1);
+    std::fill(S.comp_cell_pos.begin(), S.comp_cell_pos.end(), -1);
     for (uint32_t r = 0; r < n_keep; ++r) {
         cells.pos_set(r, new_pos[r]);
-        cells.seq_add(r, 0);
+        cells.seq_add(r, seq);
         if (r >= n_prot) {
-            B.comp_cell_pos[r] = new_pos[r];
+            S.comp_cell_pos[r] = new_pos[r];
         }
     }
-    B.comp_pos.swap(B.comp_pos_next);
-    std::fill(B.acc_valid.begin(), B.acc_valid.end(), 0);
-    std::fill(B.acc_valid.begin(), B.acc_valid.begin() + n_keep, 1);
-    kv.v_heads[0] = n_keep;
+    S.comp_pos.swap(B.comp_pos_next);
+    std::fill(S.acc_valid.begin(), S.acc_valid.end(), 0);
+    std::fill(S.acc_valid.begin(), S.acc_valid.begin() + n_keep, 1);
+    kv.v_heads[strm] = n_keep;
 }
 
 // the layers iw, iw + n_workers, ... of rewrite_head: their rows of the new position table; new_pos: the
@@ -1161,7 +1236,7 @@ void llama_kv_budget_evict::rewrite_layers(int iw, int n_workers, const std::vec
                 continue;
             }
             const int32_t   * sel      = order + (size_t) h*order_stride;
-            const llama_pos * comp_old = B.comp_pos.data() + ((size_t) ikv*n_hkv_max + h)*kv_size;
+            const llama_pos * comp_old = S.comp_pos.data() + ((size_t) ikv*n_hkv_max + h)*kv_size;
             for (uint32_t r = 0; r < n_prot; ++r) {
                 // every head places the protected cells identically (ordered by their bias)
                 bad |= sel[r] != (int32_t) prot[n_prot - 1 - r].second;
@@ -1186,62 +1261,96 @@ void llama_kv_budget_evict::rewrite_layers(int iw, int n_workers, const std::vec
 // wait for the previous ubatch's graph before it (not part of the total)
 void llama_kv_budget_evict::log_done() const {
     const int64_t t_total_us = ggml_time_us() - t_start_us;
-    LLAMA_LOG_DEBUG("%s: eviction %u: %u -> %u cells (%zu protected), pos_max = %d, %.3f ms (inputs %.3f, order %.3f, "
+    LLAMA_LOG_DEBUG("%s: eviction %u of seq %d: %u -> %u cells (%zu protected), pos_max = %d, %.3f ms (inputs %.3f, order %.3f, "
             "read-back %.3f, gather %.3f, metadata %.3f, wait %.3f ms; %zu layers, %s; previous graph %.3f ms)\n", "budget_evict",
-            B.n_evictions, n_used, cells.get_used(), prot.size(), pos_max, t_total_us/1000.0,
+            S.n_evictions, seq, n_used, cells.get_used(), prot.size(), pos_max, t_total_us/1000.0,
             t_inputs_us/1000.0, t_order_us/1000.0, t_read_us/1000.0, t_gather_us/1000.0, t_meta_us/1000.0,
             t_wait_us/1000.0, kv.layers.size(), split ? "two graphs" : "one graph", t_prev_us/1000.0);
 }
 
-bool llama_kv_cache::budget_evict(llama_context * lctx) {
+bool llama_kv_cache::budget_evict(llama_context * lctx, const std::vector<uint32_t> & strms) {
     GGML_ASSERT(budget);
-    if (v_cells[0].get_used() <= budget->params.budget) {
-        return false;
+    for (uint32_t s : strms) {
+        if (v_cells[s].get_used() <= budget->params.budget) {
+            continue;
+        }
+        llama_kv_budget_evict ev(*this, lctx, s);
+        if (!ev.run()) {
+            return false;
+        }
     }
-    llama_kv_budget_evict ev(*this, lctx);
-    return ev.run();
+    return true;
 }
 
 //
 // position edits and session state
 //
 
-bool llama_kv_cache::budget_seq_rm_ok(llama_pos p0, llama_pos p1) const {
+bool llama_kv_cache::budget_seq_rm_ok(llama_seq_id seq_id, llama_pos p0, llama_pos p1) const {
     GGML_ASSERT(budget);
-    const auto & B = *budget;
 
     // nothing evicted yet, everything removed, or only tokens decoded after the last eviction (ordinary
     // cells: composite cells are placed at the newest position they hold, which is older than them)
-    if (B.last_evict_pos_max < 0 || (p0 <= 0 && p1 == std::numeric_limits<llama_pos>::max()) || p0 > B.last_evict_pos_max) {
+    if (p0 <= 0 && p1 == std::numeric_limits<llama_pos>::max()) {
         return true;
     }
-    LLAMA_LOG_DEBUG("%s: cannot remove positions [%d, %d) from a budgeted cache: an eviction at position %d "
-            "dropped or regrouped older tokens (removable: positions > %d, or all)\n", __func__, p0, p1,
-            B.last_evict_pos_max, B.last_evict_pos_max);
-    return false;
+    for (uint32_t s = 0; s < n_stream; ++s) {
+        const llama_pos last = budget->streams[s].last_evict_pos_max;
+        if ((seq_id >= 0 && seq_to_stream[seq_id] != s) || last < 0 || p0 > last) {
+            continue;
+        }
+        LLAMA_LOG_DEBUG("%s: cannot remove positions [%d, %d) of sequence %d from a budgeted cache: an eviction at position %d "
+                "dropped or regrouped older tokens (removable: positions > %d, or all)\n", __func__, p0, p1,
+                kv_budget_stream_seq(s), last, last);
+        return false;
+    }
+    return true;
 }
 
-void llama_kv_cache::budget_reset() {
+void llama_kv_cache::budget_reset_empty() {
     GGML_ASSERT(budget);
-    std::fill(budget->comp_cell_pos.begin(), budget->comp_cell_pos.end(), -1);
-    std::fill(budget->acc_valid.begin(), budget->acc_valid.end(), 0);
-    budget->last_evict_pos_max = -1;
-    budget->compressed = false;
+    for (uint32_t s = 0; s < n_stream; ++s) {
+        if (v_cells[s].get_used() == 0) {
+            budget->streams[s].reset();
+        }
+    }
 }
 
-void llama_kv_cache::budget_on_new_token(uint32_t idx) {
-    budget->comp_cell_pos[idx] = -1;
-    budget->acc_valid[idx]     = 0;
+void llama_kv_cache::budget_on_new_token(uint32_t s, uint32_t idx) {
+    budget->streams[s].comp_cell_pos[idx] = -1;
+    budget->streams[s].acc_valid[idx]     = 0;
+}
+
+void llama_kv_cache::budget_copy_stream(uint32_t ssrc, uint32_t sdst) {
+    GGML_ASSERT(budget);
+    budget->streams[sdst] = budget->streams[ssrc];
+}
+
+// the copy's device part (query windows, H2O's scores), with the K/V buffers in the update step
+void llama_kv_cache::budget_copy_stream_data(uint32_t ssrc, uint32_t sdst) const {
+    GGML_ASSERT(budget);
+    std::vector<uint8_t> buf;
+    auto copy = [&](ggml_tensor * t, size_t stream_bytes) {
+        buf.resize(stream_bytes);
+        ggml_backend_tensor_get(t, buf.data(), ssrc*stream_bytes, stream_bytes);
+        ggml_backend_tensor_set(t, buf.data(), sdst*stream_bytes, stream_bytes);
+    };
+    for (ggml_tensor * q : budget->q_win) {
+        copy(q, ggml_nbytes(q)/n_stream);
+    }
+    for (ggml_tensor * a : budget->acc) {
+        copy(a, a->nb[2]);
+    }
 }
 
 static constexpr uint32_t KV_BUDGET_STATE_MAGIC   = 0x424b564d; // "MVKB"
-static constexpr uint32_t KV_BUDGET_STATE_VERSION = 1;
+static constexpr uint32_t KV_BUDGET_STATE_VERSION = 2;         // 2: the budget's data follows each stream's cells
 
 void llama_kv_cache::budget_state_write_header(llama_io_write_i & io) const {
     const auto & B = *budget;
     const uint32_t hdr[6] = {
         KV_BUDGET_STATE_MAGIC, KV_BUDGET_STATE_VERSION, B.params.window,
-        (uint32_t) B.q_win.size(), (uint32_t) (B.q_win.empty() ? 0 : B.q_win[0]->ne[1]), B.n_head_kv_max,
+        (uint32_t) B.q_win.size(), B.params.n_q_rows(), B.n_head_kv_max,
     };
     io.write(hdr, sizeof(hdr));
 }
@@ -1257,7 +1366,7 @@ void llama_kv_cache::budget_state_read_header(llama_io_read_i & io) {
     if (hdr[1] != KV_BUDGET_STATE_VERSION) {
         throw std::runtime_error(format("kv_budget: state format %u, this build reads format %u", hdr[1], KV_BUDGET_STATE_VERSION));
     }
-    const uint32_t rows = B.q_win.empty() ? 0 : B.q_win[0]->ne[1];
+    const uint32_t rows = B.params.n_q_rows();
     if (hdr[2] != B.params.window || hdr[3] != B.q_win.size() || hdr[4] != rows || hdr[5] != B.n_head_kv_max) {
         throw std::runtime_error(format("kv_budget: the state was saved with kv_window %u, %u layers, %u query rows, %u KV heads; "
                 "this context has kv_window %u, %zu layers, %u query rows, %u KV heads", hdr[2], hdr[3], hdr[4], hdr[5],
@@ -1265,12 +1374,14 @@ void llama_kv_cache::budget_state_read_header(llama_io_read_i & io) {
     }
 }
 
-void llama_kv_cache::budget_state_write_extra(llama_io_write_i & io, llama_seq_id seq_id) const {
+// after the cells of stream s that state_write saved (in its order): the sequence's budget state
+void llama_kv_cache::budget_state_write_extra(llama_io_write_i & io, uint32_t s, llama_seq_id seq_id) const {
     const auto & B = *budget;
-    const auto & cells = v_cells[0];
+    const auto & S = B.streams[s];
+    const auto & cells = v_cells[s];
     const size_t kv_size = get_size();
+    const uint32_t n_rows = B.params.n_q_rows();
 
-    // the cells state_write saved, in its order
     std::vector<uint32_t> idxs;
     for (uint32_t i = 0; i < cells.size(); ++i) {
         if (!cells.is_empty(i) && (seq_id == -1 || cells.seq_has(i, seq_id))) {
@@ -1279,39 +1390,39 @@ void llama_kv_cache::budget_state_write_extra(llama_io_write_i & io, llama_seq_i
     }
     const uint32_t n = idxs.size();
 
-    io.write(&B.n_evictions,        sizeof(B.n_evictions));
-    io.write(&B.n_evicted,          sizeof(B.n_evicted));
-    io.write(&B.last_evict_pos_max, sizeof(B.last_evict_pos_max));
+    io.write(&S.n_evictions,        sizeof(S.n_evictions));
+    io.write(&S.n_evicted,          sizeof(S.n_evicted));
+    io.write(&S.last_evict_pos_max, sizeof(S.last_evict_pos_max));
     io.write(&n,                    sizeof(n));
 
     std::vector<llama_pos> buf(n);
     for (uint32_t k = 0; k < n; ++k) {
-        buf[k] = B.comp_cell_pos[idxs[k]];
+        buf[k] = S.comp_cell_pos[idxs[k]];
     }
     io.write(buf.data(), n*sizeof(llama_pos));
     for (size_t lh = 0; lh < B.q_win.size()*B.n_head_kv_max; ++lh) {
         for (uint32_t k = 0; k < n; ++k) {
-            buf[k] = B.comp_pos[lh*kv_size + idxs[k]];
+            buf[k] = S.comp_pos[lh*kv_size + idxs[k]];
         }
         io.write(buf.data(), n*sizeof(llama_pos));
     }
 
     for (ggml_tensor * q : B.q_win) {
-        io.write_tensor(q, 0, ggml_nbytes(q));
+        io.write_tensor(q, (size_t) s*n_rows*q->nb[1], (size_t) n_rows*q->nb[1]);
     }
 
     // H2O's accumulated scores, per saved cell
-    const uint8_t compressed = B.compressed;
+    const uint8_t compressed = S.compressed;
     io.write(&compressed, sizeof(compressed));
     std::vector<uint8_t> valid(n);
     for (uint32_t k = 0; k < n; ++k) {
-        valid[k] = B.acc_valid[idxs[k]];
+        valid[k] = S.acc_valid[idxs[k]];
     }
     io.write(valid.data(), n);
     std::vector<float> acc_all, acc_saved(n);
     for (ggml_tensor * a : B.acc) {
-        acc_all.resize(ggml_nelements(a));
-        ggml_backend_tensor_get(a, acc_all.data(), 0, ggml_nbytes(a));
+        acc_all.resize(a->ne[0]*a->ne[1]);
+        ggml_backend_tensor_get(a, acc_all.data(), s*a->nb[2], a->nb[2]);
         for (int64_t h = 0; h < a->ne[1]; ++h) {
             for (uint32_t k = 0; k < n; ++k) {
                 acc_saved[k] = acc_all[h*kv_size + idxs[k]];
@@ -1321,55 +1432,58 @@ void llama_kv_cache::budget_state_write_extra(llama_io_write_i & io, llama_seq_i
     }
 }
 
-void llama_kv_cache::budget_state_read_extra(llama_io_read_i & io, const slot_info & sinfo) {
+void llama_kv_cache::budget_state_read_extra(llama_io_read_i & io, uint32_t s, const slot_info & sinfo) {
     auto & B = *budget;
+    auto & S = B.streams[s];
     const size_t kv_size = get_size();
+    const uint32_t n_rows = B.params.n_q_rows();
 
     uint32_t n = 0;
-    io.read(&B.n_evictions,        sizeof(B.n_evictions));
-    io.read(&B.n_evicted,          sizeof(B.n_evicted));
-    io.read(&B.last_evict_pos_max, sizeof(B.last_evict_pos_max));
+    io.read(&S.n_evictions,        sizeof(S.n_evictions));
+    io.read(&S.n_evicted,          sizeof(S.n_evicted));
+    io.read(&S.last_evict_pos_max, sizeof(S.last_evict_pos_max));
     io.read(&n,                    sizeof(n));
 
     const uint32_t n_placed = sinfo.idxs.empty() ? 0 : sinfo.idxs[0].size();
     if (n != n_placed) {
         throw std::runtime_error(format("kv_budget: the state describes %u cells, %u were restored", n, n_placed));
     }
+    const auto & idxs = sinfo.idxs[0];
 
     std::vector<llama_pos> buf(n);
     io.read(buf.data(), n*sizeof(llama_pos));
     for (uint32_t k = 0; k < n; ++k) {
-        B.comp_cell_pos[sinfo.idxs[0][k]] = buf[k];
+        S.comp_cell_pos[idxs[k]] = buf[k];
     }
     for (size_t lh = 0; lh < B.q_win.size()*B.n_head_kv_max; ++lh) {
         io.read(buf.data(), n*sizeof(llama_pos));
         for (uint32_t k = 0; k < n; ++k) {
-            B.comp_pos[lh*kv_size + sinfo.idxs[0][k]] = buf[k];
+            S.comp_pos[lh*kv_size + idxs[k]] = buf[k];
         }
     }
 
     for (ggml_tensor * q : B.q_win) {
-        io.read_tensor(q, 0, ggml_nbytes(q));
+        io.read_tensor(q, (size_t) s*n_rows*q->nb[1], (size_t) n_rows*q->nb[1]);
     }
 
     uint8_t compressed = 0;
     io.read(&compressed, sizeof(compressed));
-    B.compressed = compressed;
+    S.compressed = compressed;
     std::vector<uint8_t> valid(n);
     io.read(valid.data(), n);
     for (uint32_t k = 0; k < n; ++k) {
-        B.acc_valid[sinfo.idxs[0][k]] = valid[k];
+        S.acc_valid[idxs[k]] = valid[k];
     }
     std::vector<float> acc_all, acc_saved(n);
     for (ggml_tensor * a : B.acc) {
-        acc_all.assign(ggml_nelements(a), 0.0f);
+        acc_all.assign(a->ne[0]*a->ne[1], 0.0f);
         for (int64_t h = 0; h < a->ne[1]; ++h) {
             io.read(acc_saved.data(), n*sizeof(float));
             for (uint32_t k = 0; k < n; ++k) {
-                acc_all[h*kv_size + sinfo.idxs[0][k]] = acc_saved[k];
+                acc_all[h*kv_size + idxs[k]] = acc_saved[k];
             }
         }
-        ggml_backend_tensor_set(a, acc_all.data(), 0, ggml_nbytes(a));
+        ggml_backend_tensor_set(a, acc_all.data(), s*a->nb[2], a->nb[2]);
     }
 }
 
@@ -1399,38 +1513,60 @@ bool llama_kv_budget_supported(const llama_model * model, char * why, size_t why
     return true;
 }
 
+// the totals of the streams in [s0, s1)
+static void kv_budget_fill_info(const llama_kv_cache & kv, uint32_t s0, uint32_t s1, llama_kv_budget_info * info) {
+    const auto * B = kv.budget_state();
+
+    uint32_t n_head_kv = 0;
+    for (uint32_t ikv = 0; ikv < kv.budget_n_layers(); ++ikv) {
+        n_head_kv = std::max(n_head_kv, kv.budget_n_head_kv(ikv));
+    }
+
+    *info = {};
+    info->n_layer   = kv.budget_n_layers();
+    info->n_head_kv = n_head_kv;
+    info->n_seq     = s1 - s0;
+    info->active    = B != nullptr;
+    info->pos_last_evict    = -1;
+    info->kv_evict_interval = B ? B->params.interval : 0;
+    for (uint32_t s = s0; s < s1; ++s) {
+        info->n_cells += kv.get_size();
+        info->n_used  += kv.get_cells(s).get_used();
+        if (B) {
+            const auto & S = B->streams[s];
+            info->n_evictions += S.n_evictions;
+            info->n_evicted   += S.n_evicted;
+            info->t_evict_ms  += S.t_evict_us/1000.0;
+            info->pos_last_evict = std::max(info->pos_last_evict, S.last_evict_pos_max);
+        }
+    }
+    // the buffers are shared by the streams: a sequence's share
+    const uint32_t n_stream = kv.get_n_stream();
+    info->kv_bytes  = kv.budget_kv_bytes()/n_stream*(s1 - s0);
+    info->aux_bytes = B ? B->aux_bytes()/n_stream*(s1 - s0) : 0;
+}
+
 bool llama_kv_budget_get_info(const llama_context * ctx, llama_kv_budget_info * info) {
     const auto * kv = kv_budget_cache(ctx);
     if (!kv || !info) {
         return false;
     }
-    const auto * B = kv->budget_state();
-    const auto & cells = kv->get_cells(0);
-
-    uint32_t n_head_kv = 0;
-    for (uint32_t ikv = 0; ikv < kv->budget_n_layers(); ++ikv) {
-        n_head_kv = std::max(n_head_kv, kv->budget_n_head_kv(ikv));
-    }
-
-    info->n_cells     = kv->get_size();
-    info->n_used      = cells.get_used();
-    info->n_layer     = kv->budget_n_layers();
-    info->n_head_kv   = n_head_kv;
-    info->n_evictions = B ? B->n_evictions : 0;
-    info->n_evicted   = B ? B->n_evicted : 0;
-    info->kv_bytes    = kv->budget_kv_bytes();
-    info->aux_bytes   = B ? B->aux_bytes() : 0;
-    info->t_evict_ms  = B ? B->t_evict_us/1000.0 : 0.0;
-    info->active      = B != nullptr;
-    info->pos_last_evict = B ? B->last_evict_pos_max : -1;
-    info->kv_evict_interval = B ? B->params.interval : 0;
-
+    kv_budget_fill_info(*kv, 0, kv->get_n_stream(), info);
     return true;
 }
 
-int32_t llama_kv_budget_get_positions(const llama_context * ctx, int32_t il, llama_pos * out, int32_t n_out) {
+bool llama_kv_budget_get_seq_info(const llama_context * ctx, llama_seq_id seq_id, llama_kv_budget_info * info) {
     const auto * kv = kv_budget_cache(ctx);
-    if (!kv || !out || il < 0 || (uint32_t) il >= kv->budget_n_layers()) {
+    if (!kv || !info || seq_id < 0 || (uint32_t) seq_id >= kv->get_n_stream()) {
+        return false;
+    }
+    kv_budget_fill_info(*kv, seq_id, seq_id + 1, info);
+    return true;
+}
+
+int32_t llama_kv_budget_get_seq_positions(const llama_context * ctx, llama_seq_id seq_id, int32_t il, llama_pos * out, int32_t n_out) {
+    const auto * kv = kv_budget_cache(ctx);
+    if (!kv || !out || il < 0 || (uint32_t) il >= kv->budget_n_layers() || seq_id < 0 || (uint32_t) seq_id >= kv->get_n_stream()) {
         return -1;
     }
     const uint32_t n_cells = kv->get_size();
@@ -1441,18 +1577,23 @@ int32_t llama_kv_budget_get_positions(const llama_context * ctx, int32_t il, lla
     }
     for (uint32_t h = 0; h < n_hkv; ++h) {
         for (uint32_t i = 0; i < n_cells; ++i) {
-            out[(size_t) h*n_cells + i] = kv->budget_orig_pos(il, h, i);
+            out[(size_t) h*n_cells + i] = kv->budget_orig_pos(seq_id, il, h, i);
         }
     }
     return (int32_t) n_need;
+}
+
+int32_t llama_kv_budget_get_positions(const llama_context * ctx, int32_t il, llama_pos * out, int32_t n_out) {
+    return llama_kv_budget_get_seq_positions(ctx, 0, il, out, n_out);
 }
 
 int64_t llama_kv_cache::budget_read_queries(uint32_t ikv, float * out, int64_t n_out) const {
     if (!budget || ikv >= layers.size()) {
         return -1;
     }
+    // sequence 0's rows
     const ggml_tensor * q = budget->q_win[ikv];
-    const int64_t n = ggml_nelements(q);
+    const int64_t n = ggml_nelements(q)/n_stream;
     if (n_out < n) {
         return -1;
     }
@@ -1502,7 +1643,7 @@ int32_t llama_kv_budget_get_cells(const llama_context * ctx, llama_pos * pos, in
     const auto * B = kv->budget_state();
     for (uint32_t i = 0; i < kv->get_size(); ++i) {
         pos[i]       = cells.is_empty(i) ? -1 : cells.pos_get(i);
-        composite[i] = !cells.is_empty(i) && B->comp_cell_pos[i] >= 0;
+        composite[i] = !cells.is_empty(i) && B->streams[0].comp_cell_pos[i] >= 0;
     }
     return (int32_t) kv->get_size();
 }
@@ -1514,14 +1655,14 @@ int32_t llama_kv_budget_get_scores(const llama_context * ctx, int32_t il, float 
         return -1;
     }
     const ggml_tensor * a = B->acc[il];
-    const int64_t n = ggml_nelements(a);
+    const int64_t n = a->ne[0]*a->ne[1]; // sequence 0's scores
     if (n_out < n) {
         return -1;
     }
-    ggml_backend_tensor_get(a, out, 0, ggml_nbytes(a));
+    ggml_backend_tensor_get(a, out, 0, a->nb[2]);
     const int64_t n_cells = a->ne[0];
     for (int64_t j = 0; j < n; ++j) {
-        if (!B->acc_valid[j % n_cells]) {
+        if (!B->streams[0].acc_valid[j % n_cells]) {
             out[j] = 0.0f;
         }
     }

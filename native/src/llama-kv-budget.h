@@ -3,8 +3,9 @@
 // morphkv-gguf: a constant-size KV cache with MorphKV eviction
 //
 // With cparams.kv_budget = C > 0 the plain llama_kv_cache is allocated for C + max(S, n_ubatch) cells
-// (padded to 256) instead of n_ctx. Once C + S cells are in use (or a ubatch finds no free slot), an
-// eviction graph runs in the cache's update step: the last W post-RoPE queries of every layer (kept in
+// (padded to 256) per sequence instead of n_ctx: each sequence has its own stream of the non-unified cache
+// and its own budget. Once C + S of a sequence's cells are in use (or a ubatch finds no free slot), an
+// eviction graph runs for that sequence in the cache's update step or between two ubatches of a batch: the last W post-RoPE queries of every layer (kept in
 // a ring buffer written by build_attn) score the older cells, softmax over the evictable cells, fused
 // over the window rows and over the query heads of each KV head; then
 //   - granularity "head":  every KV head of every layer keeps its own top (C - protected) cells; their
@@ -62,11 +63,36 @@ void llama_kv_budget_check_model(const llama_model & model);
 // the size of the batch being decoded (SnapKV compresses before the first single-token batch)
 void llama_kv_budget_note_batch(llama_context * lctx, int32_t n_tokens);
 
+// per-sequence state of the budget: one per stream of the cache (a non-unified cache holds sequence s in
+// stream s; a budget with one stream holds sequence 0)
+struct llama_kv_budget_stream {
+    // original position held by composite cell i of (layer, KV head): comp_pos[(il*n_head_kv_max + h)*n_cells + i]
+    // valid for cells marked in comp_cell_pos (the pos the cell was given when it became composite)
+    std::vector<llama_pos> comp_pos;
+    std::vector<llama_pos> comp_cell_pos; // -1: ordinary cell
+
+    // H2O: cells whose accumulated scores are valid (those kept by the last eviction)
+    std::vector<uint8_t> acc_valid;
+
+    llama_pos last_evict_pos_max = -1; // newest position at the last eviction since the sequence was empty
+    bool      compressed = false;      // SnapKV: the prompt was compressed
+
+    uint32_t n_evictions = 0;
+    uint64_t n_evicted   = 0;  // cells freed by evictions (token granularity) or dropped per head (head)
+    double   t_evict_us  = 0.0;
+
+    // forget the evictions' bookkeeping (the sequence is empty)
+    void reset();
+};
+
 // per-cache state of the budget (owned by llama_kv_cache)
 struct llama_kv_budget_state {
     llama_kv_budget_params params;
 
-    // ring buffer of the last W post-RoPE queries, per KV-cache layer: F32 [n_embd_head_k*n_head, W]
+    uint32_t n_stream = 1;
+
+    // ring buffers of the last W post-RoPE queries, per KV-cache layer: F32 [n_embd_head_k*n_head, W*n_stream]
+    // (stream s owns rows [s*W, (s + 1)*W))
     std::vector<ggml_tensor *> q_win;
 
     // per KV-cache layer: the scale of q.k in the model's attention (build_attn's kq_scale: 1/sqrt(d_k) for most
@@ -78,37 +104,27 @@ struct llama_kv_budget_state {
     std::vector<uint8_t> scores_fused;
     bool scores_fused_all = false;
 
-    // H2O: attention accumulated per (layer, cell, KV head): F32 [n_cells, n_head_kv] per layer, valid for
-    // cells marked in acc_valid (those kept by the last eviction; a cell that takes a new token starts at 0)
+    // H2O: attention accumulated per (layer, cell, KV head, stream): F32 [n_cells, n_head_kv, n_stream] per layer,
+    // valid for the cells marked in the stream's acc_valid
     std::vector<ggml_tensor *> acc;
-    std::vector<uint8_t>       acc_valid;
 
     int32_t n_batch_tokens = 0;  // tokens of the batch being decoded
     llama_context * lctx   = nullptr; // the context of the cache's updates: runs the evictions between ubatches
-    bool    compressed     = false; // SnapKV: the prompt was compressed
+    bool    warned_train_ctx = false;
     std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> ctxs_bufs;
 
-    // original position held by composite cell i of (layer, KV head): comp_pos[(il*n_head_kv_max + h)*n_cells + i]
-    // valid for cells marked in comp_cell_pos (the pos the cell was given when it became composite)
     uint32_t n_head_kv_max = 0;
-    std::vector<llama_pos> comp_pos;
-    std::vector<llama_pos> comp_cell_pos; // -1: ordinary cell
+    std::vector<llama_kv_budget_stream> streams;
+
     std::vector<llama_pos> comp_pos_next; // scratch of the eviction (the table being written)
     std::vector<int32_t>   order_host;    // scratch of the eviction (every layer's selected cells, read back)
 
     // head granularity (not H2O): every (layer, KV head)'s kept cells, I32 [C, sum of n_head_kv], written by
     // the eviction's first graph (scores + argsort) and read by its second (the gather), which the device
     // runs while the host rewrites the cell metadata from the copy read back into order_pinned (pinned host
-    // memory where the device has it, else order_host)
+    // memory where the device has it, else order_host); one eviction runs at a time, whichever the stream
     ggml_tensor *           order_sel = nullptr;
     ggml_backend_buffer_ptr order_pinned;
-
-    llama_pos last_evict_pos_max = -1; // newest position at the last eviction since the cache was empty
-
-    uint32_t n_evictions = 0;
-    uint64_t n_evicted   = 0;  // cells freed by evictions (token granularity) or dropped per head (head)
-    double   t_evict_us  = 0.0;
-    bool     warned_train_ctx = false;
 
     size_t aux_bytes() const;
 };
