@@ -22,7 +22,8 @@ BUILD_DIR = REPO_ROOT / "build"
 DIST_DIR = REPO_ROOT / "dist"
 VARIANTS = ("cpu", "cuda")
 TREES = ("patched", "stock")
-DEFAULT_TOOL_TARGETS = ("llama-completion", "llama-cli", "llama-bench", "llama-perplexity", "llama-server")
+DEFAULT_TOOL_TARGETS = ("llama-completion", "llama-cli", "llama-bench", "llama-batched-bench", "llama-perplexity",
+                        "llama-server")
 
 
 class BuildError(UpstreamError):

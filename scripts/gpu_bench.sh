@@ -24,6 +24,9 @@
 #                decode speed at MORPHKV_KERNEL_DEPTHS; :sN sets the eviction interval to N; :nN generates N
 #                tokens in the :ab run (128; a larger N holds many consecutive decode-time evictions); :prev
 #                runs the prev build
+#   phase batched: llama-batched-bench (8B F16 shape), stock and patched in one run, per MORPHKV_BATCHED_RUNS
+#                entry TREE:BUDGET:SEQUENCES:PROMPT[:pps] (pps: one prompt shared by the sequences, copied with
+#                seq_cp, 128 tokens generated per sequence); log, JSON line and GPU memory samples per run
 #   phase eval:  needs what test needs; `morphkv eval` on the GPU (CUDA libllama), MORPHKV_EVAL_JOBS
 #                prompts at a time; eval.json etc. into $OUT/eval.tgz
 # MORPHKV_BENCH_TREES="patched" builds (and later runs) only the patched tree; the patched tree also
@@ -54,7 +57,7 @@ configure() {  # tree
         -DGGML_CUDA_FA_QUANTS=f16-f16 > "$OUT/configure-$1.log" 2>&1
 }
 
-case "${1:?usage: gpu_bench.sh build|test|run}" in
+case "${1:?usage: gpu_bench.sh build|test|run|kernel|eval|batched}" in
 build)
     stage_model_parts "$work"
     for t in $trees; do configure "$t"; done
@@ -68,8 +71,8 @@ build)
     n_trees=$(echo $trees | wc -w)
     pids=""
     for t in $trees; do
-        targets="llama-bench"
-        [ "$t" = patched ] && targets="llama-bench test-kv-scores ${MORPHKV_BENCH_OPS_TEST-test-backend-ops}"
+        targets="llama-bench llama-batched-bench"
+        [ "$t" = patched ] && targets="llama-bench llama-batched-bench test-kv-scores ${MORPHKV_BENCH_OPS_TEST-test-backend-ops}"
         cmake --build "$work/build-$t" --target $targets -j $((16 / n_trees)) > "$OUT/build-$t.log" 2>&1 &
         pids="$pids $!"
     done
@@ -123,8 +126,8 @@ print(open(sys.argv[2] + '/eval.md').read())" "${MORPHKV_EVAL_JOBS:-16}" "$work/
         tar -C "$work" -czf "$OUT/eval.tgz" eval eval-cache
         exit 0
     fi
-    python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(sys.argv[1:]))" tests/test_kv_budget.py tests/test_long_batches.py -q -p no:cacheprovider \
-        -k "reference or streaming or memory_stays_constant or below_the_budget or one_call or first_eviction or attention_scale" 2>&1 | tee "$OUT/pytest-cuda.txt" | tail -15
+    python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(sys.argv[1:]))" tests/test_kv_budget.py tests/test_long_batches.py tests/test_multi_seq.py -q -p no:cacheprovider \
+        -k "reference or streaming or memory_stays_constant or below_the_budget or one_call or first_eviction or attention_scale or sequence" 2>&1 | tee "$OUT/pytest-cuda.txt" | tail -15
     ;;
 run)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -219,5 +222,29 @@ PY
     done
     cd "$OUT" && tar -czf kernel.tgz --remove-files ./*.txt ./*.json ./*.log
     ;;
-*) echo "unknown phase '$1' (accepted: build, test, eval, kernel, run)" >&2; exit 2 ;;
+batched)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+    m="$work/llama-3.1-8b.gguf"
+    for run in ${MORPHKV_BATCHED_RUNS:-stock:0:32:16384 patched:2048:32:16384 patched:2048:32:131072:pps}; do
+        if ! [[ "$run" =~ ^(stock|patched):[0-9]+:[0-9]+:[0-9]+(:pps)?$ ]]; then
+            echo "batched run '$run': expected TREE:BUDGET:SEQUENCES:PROMPT[:pps], TREE stock or patched" >&2; exit 2
+        fi
+        IFS=: read -r tree c npl npp pps <<< "$run"
+        tag="$tree-kvb$c-$npl-x-$npp${pps:+-pps}"
+        args=(-m "$m" -ngl 99 -fa 1 -c $((npl * (npp + 128))) -b 2048 -ub 512 -npp "$npp" -ntg 128 -npl "$npl" --output-format jsonl)
+        [ "$c" != 0 ] && args+=(--kv-budget "$c")
+        [ -n "$pps" ] && args+=(-pps)
+        : > "$OUT/batched-$tag.mem"
+        nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >> "$OUT/batched-$tag.mem" &
+        smi=$!
+        t0=$SECONDS
+        LD_LIBRARY_PATH="$work/build-$tree/bin" timeout 570 "$work/build-$tree/bin/llama-batched-bench" "${args[@]}" \
+            > "$OUT/batched-$tag.log" 2>&1 || echo "batched-$tag failed: $?"
+        kill $smi 2>/dev/null || true; wait $smi 2>/dev/null || true
+        kv=$(grep -o 'KV buffer size = *[0-9.]* MiB' "$OUT/batched-$tag.log" | tail -1)
+        echo "batched-$tag: $((SECONDS - t0)) s, peak $(sort -n "$OUT/batched-$tag.mem" | tail -1) MiB, ${kv:-KV ?}"
+        grep '^{' "$OUT/batched-$tag.log" | tail -1
+    done
+    ;;
+*) echo "unknown phase '$1' (accepted: build, test, eval, kernel, run, batched)" >&2; exit 2 ;;
 esac

@@ -80,7 +80,7 @@ def test_unknown_phase_is_refused(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_bench.sh"), "sweep"], capture_output=True, text=True,
                           env=dict(os.environ, OUT=str(tmp_path), MORPHKV_BENCH_WORK=str(tmp_path / "work")), timeout=30)
     assert proc.returncode == 2
-    assert "unknown phase 'sweep' (accepted: build, test, eval, kernel, run)" in proc.stderr
+    assert "unknown phase 'sweep' (accepted: build, test, eval, kernel, run, batched)" in proc.stderr
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")

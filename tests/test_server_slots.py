@@ -14,7 +14,7 @@ from llama_server import LlamaServer
 
 BUDGET, N_SLOTS, N_CTX = 128, 4, 16384
 N_LONG = 1200  # tokens generated per concurrent request: ~10x the budget
-ARGS = ["-c", str(N_CTX), "-np", str(N_SLOTS), "-t", "2", "-ub", "256", "-b", "1024", "--no-warmup", "--no-kv-unified"]
+ARGS = ["-c", str(N_CTX), "-np", str(N_SLOTS), "-t", "2", "-ub", "256", "-b", "1024", "--no-warmup", "--no-kv-unified", "-lv", "4"]  # -lv 4: the KV buffer size in the log
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_four_concurrent_answers_past_the_budget(srv):
 
 def test_a_2000_token_prompt(srv, data_dir):
     text = (data_dir / "sample.txt").read_text() * 4
-    out = _complete(srv, text[:9000], 32)
+    out = _complete(srv, text[:10000], 32)
     assert out["tokens_evaluated"] >= 2000, out["tokens_evaluated"]
     assert out["tokens_predicted"] == 32 and out["content"].strip()
 

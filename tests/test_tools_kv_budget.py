@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 
@@ -57,3 +58,30 @@ def test_bad_budget_options_are_refused_with_a_message(model_path, args, message
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Segmentation fault" not in proc.stderr and "GGML_ASSERT" not in proc.stderr
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_batched_bench_measures_several_budgeted_sequences(model_path, shared):
+    """llama-batched-bench --kv-budget: 4 sequences with 1024-token prompts (own prompts, or one shared prompt
+    copied with seq_cp) and 64 generated tokens each, in 4 caches of the budgeted size; stock's tool the same
+    without the option (the figures to compare)."""
+    tools = require_tools("llama-batched-bench")
+    npl, npp, ntg = 4, 1024, 64
+    args = ["-m", str(model_path), "-c", str(npl * (npp + ntg)), "-b", "512", "-ub", "256", "-npp", str(npp),
+            "-ntg", str(ntg), "-npl", str(npl), "-t", "2", "--output-format", "jsonl", *(["-pps"] if shared else [])]
+    runs = {}
+    for tree, extra in (("patched", ["--kv-budget", "128", "-v"]), ("stock", ["-lv", "4"])):
+        proc = subprocess.run([str(tools[("llama-batched-bench", tree)]), *args, *extra], capture_output=True,
+                              text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        rows = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        assert len(rows) == 1, proc.stdout[-1000:]
+        runs[tree] = (json.loads(rows[0]), proc.stdout + proc.stderr)
+    row, log = runs["patched"]
+    assert row["pl"] == npl and row["speed_tg"] > 0
+    kv = [float(s) for s in re.findall(r"KV buffer size =\s+([0-9.]+) MiB", log) if float(s) > 0]
+    kv_stock = [float(s) for s in re.findall(r"KV buffer size =\s+([0-9.]+) MiB", runs["stock"][1]) if float(s) > 0]
+    assert kv and kv_stock and max(kv) <= max(kv_stock) / 2, (kv, kv_stock)
+    assert "-> 512 cells allocated per sequence (4 sequences)" in log
+    seqs = {int(s) for s in re.findall(r"budget_evict: eviction \d+: .*; seq (\d+)\)", log)}
+    assert seqs == set(range(npl)), seqs  # every sequence evicted (a shared prompt: its copies too)

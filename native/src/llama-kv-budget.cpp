@@ -1256,16 +1256,16 @@ void llama_kv_budget_evict::rewrite_layers(int iw, int n_workers, const std::vec
     }
 }
 
-// one line per eviction at debug level (-v): the total, then the stages (split: the gather overlaps the
-// metadata rewrite, and "wait" is what is left of it; one graph: "gather" holds the whole graph), and the
-// wait for the previous ubatch's graph before it (not part of the total)
+// one line per eviction at debug level (-v): the sequence's eviction count, the total, then the stages (split:
+// the gather overlaps the metadata rewrite, and "wait" is what is left of it; one graph: "gather" holds the
+// whole graph), the wait for the previous ubatch's graph before it (not part of the total) and the sequence
 void llama_kv_budget_evict::log_done() const {
     const int64_t t_total_us = ggml_time_us() - t_start_us;
-    LLAMA_LOG_DEBUG("%s: eviction %u of seq %d: %u -> %u cells (%zu protected), pos_max = %d, %.3f ms (inputs %.3f, order %.3f, "
-            "read-back %.3f, gather %.3f, metadata %.3f, wait %.3f ms; %zu layers, %s; previous graph %.3f ms)\n", "budget_evict",
-            S.n_evictions, seq, n_used, cells.get_used(), prot.size(), pos_max, t_total_us/1000.0,
+    LLAMA_LOG_DEBUG("%s: eviction %u: %u -> %u cells (%zu protected), pos_max = %d, %.3f ms (inputs %.3f, order %.3f, "
+            "read-back %.3f, gather %.3f, metadata %.3f, wait %.3f ms; %zu layers, %s; previous graph %.3f ms; seq %d)\n", "budget_evict",
+            S.n_evictions, n_used, cells.get_used(), prot.size(), pos_max, t_total_us/1000.0,
             t_inputs_us/1000.0, t_order_us/1000.0, t_read_us/1000.0, t_gather_us/1000.0, t_meta_us/1000.0,
-            t_wait_us/1000.0, kv.layers.size(), split ? "two graphs" : "one graph", t_prev_us/1000.0);
+            t_wait_us/1000.0, kv.layers.size(), split ? "two graphs" : "one graph", t_prev_us/1000.0, seq);
 }
 
 bool llama_kv_cache::budget_evict(llama_context * lctx, const std::vector<uint32_t> & strms) {
