@@ -231,7 +231,7 @@ batched)
         fi
         IFS=: read -r tree c npl npp pps <<< "$run"
         tag="$tree-kvb$c-$npl-x-$npp${pps:+-pps}"
-        args=(-m "$m" -ngl 99 -fa 1 -c $((npl * (npp + 128))) -b 2048 -ub 512 -npp "$npp" -ntg 128 -npl "$npl" --output-format jsonl)
+        args=(-m "$m" -ngl 99 -fa 1 -c $((npl * (npp + 128))) -b 2048 -ub 512 -npp "$npp" -ntg 128 -npl "$npl" --output-format jsonl -lv 4)
         [ "$c" != 0 ] && args+=(--kv-budget "$c")
         [ -n "$pps" ] && args+=(-pps)
         : > "$OUT/batched-$tag.mem"
@@ -241,9 +241,9 @@ batched)
         LD_LIBRARY_PATH="$work/build-$tree/bin" timeout 570 "$work/build-$tree/bin/llama-batched-bench" "${args[@]}" \
             > "$OUT/batched-$tag.log" 2>&1 || echo "batched-$tag failed: $?"
         kill $smi 2>/dev/null || true; wait $smi 2>/dev/null || true
-        kv=$(grep -o 'KV buffer size = *[0-9.]* MiB' "$OUT/batched-$tag.log" | tail -1)
+        kv=$(grep -o 'KV buffer size = *[0-9.]* MiB' "$OUT/batched-$tag.log" | tail -1 || true)
         echo "batched-$tag: $((SECONDS - t0)) s, peak $(sort -n "$OUT/batched-$tag.mem" | tail -1) MiB, ${kv:-KV ?}"
-        grep '^{' "$OUT/batched-$tag.log" | tail -1
+        grep '^{' "$OUT/batched-$tag.log" | tail -1 || true
     done
     ;;
 *) echo "unknown phase '$1' (accepted: build, test, eval, kernel, run, batched)" >&2; exit 2 ;;

@@ -14,6 +14,7 @@ import llama_cpp
 BUDGET, WINDOW, INTERVAL = 64, 8, 16
 N_SEQ = 4
 N_UBATCH = 64  # a 4-sequence prompt batch is split into ubatches of 16 tokens per sequence
+GPU_LAYERS = int(os.environ.get("MORPHKV_TEST_GPU_LAYERS", "0"))  # 99: the same checks on the GPU
 
 
 def _context(model, n_seq: int, **overrides):
@@ -64,7 +65,7 @@ def _positions(ctx, seq: int) -> list[np.ndarray]:
 def model(model_path):
     llama_cpp.llama_backend_init()
     mparams = llama_cpp.llama_model_default_params()
-    mparams.n_gpu_layers = int(os.environ.get("MORPHKV_TEST_GPU_LAYERS", "0"))
+    mparams.n_gpu_layers = GPU_LAYERS
     m = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
     assert m
     yield m
@@ -131,7 +132,10 @@ def test_each_sequence_keeps_what_it_would_keep_alone(model, streams):
                     n_diff, n_all, n_checked = n_diff + d, n_all + a, n_checked + 1
         assert min(last) >= 8, last
         assert n_checked >= 8 * N_SEQ
-        assert n_diff <= 0.02 * n_all, f"{n_diff} of {n_all} kept positions differ from the sequences alone"
+        # the 4-sequence batches run other kernels than the 1-sequence ones (on the GPU more so: other matrix and
+        # attention kernels per batch size); a near-tie decided apart is then carried into the later evictions
+        tol = 0.05 if GPU_LAYERS else 0.02
+        assert n_diff <= tol * n_all, f"{n_diff} of {n_all} kept positions differ from the sequences alone"
 
         # one cache per sequence, each the size of the single-sequence context's
         total = llama_cpp.llama_kv_budget_info()

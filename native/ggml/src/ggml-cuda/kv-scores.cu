@@ -75,6 +75,34 @@ static __device__ __forceinline__ float kv_scores_k_elem(const char * row, const
     } else if constexpr (type_k == GGML_TYPE_Q8_0) {
         const block_q8_0 * b = (const block_q8_0 *) row + i/QK8_0;
         return __half2float(b->d)*b->qs[i % QK8_0];
+    } else if constexpr (type_k == GGML_TYPE_Q4_0 || type_k == GGML_TYPE_Q4_1 || type_k == GGML_TYPE_Q5_0 ||
+                         type_k == GGML_TYPE_Q5_1 || type_k == GGML_TYPE_IQ4_NL) {
+        // 32 values per block: value j in the low nibble of qs[j] for j < 16, in the high nibble of qs[j - 16]
+        // after; Q5_*: the 5th bit is bit j of qh
+        const int j = i % 32;
+        if constexpr (type_k == GGML_TYPE_Q4_0) {
+            const block_q4_0 * b = (const block_q4_0 *) row + i/QK4_0;
+            const int q = j < 16 ? b->qs[j] & 0x0F : b->qs[j - 16] >> 4;
+            return __half2float(b->d)*(q - 8);
+        } else if constexpr (type_k == GGML_TYPE_Q4_1) {
+            const block_q4_1 * b = (const block_q4_1 *) row + i/QK4_1;
+            const int q = j < 16 ? b->qs[j] & 0x0F : b->qs[j - 16] >> 4;
+            const float2 dm = __half22float2(b->dm);
+            return dm.x*q + dm.y;
+        } else if constexpr (type_k == GGML_TYPE_Q5_0) {
+            const block_q5_0 * b = (const block_q5_0 *) row + i/QK5_0;
+            const int q = (j < 16 ? b->qs[j] & 0x0F : b->qs[j - 16] >> 4) | (((b->qh[j/8] >> (j % 8)) & 1) << 4);
+            return __half2float(b->d)*(q - 16);
+        } else if constexpr (type_k == GGML_TYPE_Q5_1) {
+            const block_q5_1 * b = (const block_q5_1 *) row + i/QK5_1;
+            const int q = (j < 16 ? b->qs[j] & 0x0F : b->qs[j - 16] >> 4) | (((b->qh[j/8] >> (j % 8)) & 1) << 4);
+            const float2 dm = __half22float2(b->dm);
+            return dm.x*q + dm.y;
+        } else {
+            const block_iq4_nl * b = (const block_iq4_nl *) row + i/QK4_NL;
+            const int q = j < 16 ? b->qs[j] & 0x0F : b->qs[j - 16] >> 4;
+            return __half2float(b->d)*kvalues_iq4nl[q];
+        }
     } else {
         static_assert(type_k == GGML_TYPE_F32, "unsupported K type");
         return 0.0f;
@@ -413,6 +441,11 @@ static void kv_scores_launch_type(const ggml_type type_k, const kv_scores_params
         case GGML_TYPE_F16:  kv_scores_launch<D, GGML_TYPE_F16> (p, n_hkv, part, stats, logits, stream); break;
         case GGML_TYPE_BF16: kv_scores_launch<D, GGML_TYPE_BF16>(p, n_hkv, part, stats, logits, stream); break;
         case GGML_TYPE_Q8_0: kv_scores_launch<D, GGML_TYPE_Q8_0>(p, n_hkv, part, stats, logits, stream); break;
+        case GGML_TYPE_Q4_0: kv_scores_launch<D, GGML_TYPE_Q4_0>(p, n_hkv, part, stats, logits, stream); break;
+        case GGML_TYPE_Q4_1: kv_scores_launch<D, GGML_TYPE_Q4_1>(p, n_hkv, part, stats, logits, stream); break;
+        case GGML_TYPE_Q5_0: kv_scores_launch<D, GGML_TYPE_Q5_0>(p, n_hkv, part, stats, logits, stream); break;
+        case GGML_TYPE_Q5_1: kv_scores_launch<D, GGML_TYPE_Q5_1>(p, n_hkv, part, stats, logits, stream); break;
+        case GGML_TYPE_IQ4_NL: kv_scores_launch<D, GGML_TYPE_IQ4_NL>(p, n_hkv, part, stats, logits, stream); break;
         default: GGML_ABORT("kv_scores: unsupported K type %s", ggml_type_name(type_k));
     }
 }
@@ -494,6 +527,11 @@ bool ggml_cuda_kv_scores_supported(const ggml_tensor * op) {
         case GGML_TYPE_F16:
         case GGML_TYPE_BF16:
         case GGML_TYPE_Q8_0:
+        case GGML_TYPE_Q4_0:
+        case GGML_TYPE_Q4_1:
+        case GGML_TYPE_Q5_0:
+        case GGML_TYPE_Q5_1:
+        case GGML_TYPE_IQ4_NL:
             break;
         default:
             return false;
