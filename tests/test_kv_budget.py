@@ -478,3 +478,60 @@ def test_multi_head_attention_model(tmp_path):
             held = head[head >= 0]
             assert len(held) == info["n_used"] and len(set(held.tolist())) == len(held)
             assert set(range(239 - 8 + 1, 240)) <= set(held.tolist())
+
+
+def test_rejected_draft_queries_do_not_score_the_next_eviction(model_path):
+    """Speculative decoding's rollback: draft tokens decoded past the last eviction and removed again (seq_rm)
+    leave their queries in the query window's rows; the next eviction scores with the rows of the positions
+    the cache holds and skips those, as the reference does on the remaining rows."""
+    import llama_cpp
+
+    budget, window, interval = 64, 8, 16
+    llm = _llm(model_path, kv_budget=budget, kv_window=window, kv_evict_interval=interval)
+    n_head, n_head_kv = _heads(llm)
+    ctx, mem = llm._ctx.ctx, llama_cpp.llama_get_memory(llm._ctx.ctx)
+    tokens = llm.tokenize((PROMPT + " The story goes on and on. ") .encode() * 8)
+
+    def decode(pos0: int, toks: list[int]) -> None:
+        batch = llama_cpp.llama_batch_init(len(toks), 0, 1)
+        batch.n_tokens = len(toks)
+        for i, t in enumerate(toks):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, pos0 + i, 1, i == len(toks) - 1
+            batch.seq_id[i][0] = 0
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+        llama_cpp.llama_batch_free(batch)
+
+    # past the first evictions, then up to one cell short of C + S: the next batch's update evicts
+    n = 0
+    while llm.kv_budget_info()["n_evictions"] < 2 or llm.kv_budget_info()["n_used"] != budget + interval - 1:
+        decode(n, [tokens[n]])
+        n += 1
+    drafts = [tokens[n + 5], tokens[n + 9], tokens[n + 2]]  # rejected: other tokens than the ones that follow
+    decode(n, drafts)
+    assert llama_cpp.llama_memory_seq_rm(mem, 0, n, -1)
+    decode(n, [tokens[n]])  # the accepted token takes the first draft's place (and its row)
+    n += 1
+    # the rows of the two later drafts (positions n and n + 1 now) still hold their queries
+    stale = {(n + k) % window for k in range(len(drafts) - 1)}
+    snap = _snapshot(llm)
+    valid = [r for r in range(window) if r not in stale]
+    differs = []
+
+    def scores(st, classes):
+        from morphkv_gguf import policies
+        q = st["queries"].reshape(window, n_head, -1)[valid]
+        k = st["keys"].reshape(-1, n_head_kv, q.shape[-1])
+        return policies.layer_scores(q, k, classes.evictable, "sum", "sum", None)
+
+    all_rows = _morphkv_reference(window, n_head, n_head_kv)
+    decode(n, [tokens[n]])  # its update runs the eviction
+    assert llm.kv_budget_info()["n_evictions"] == snap["n_evictions"] + 1
+    _check_against_reference(llm, snap, budget, window, "head", n_head_kv, scores)
+    from morphkv_gguf import policies
+    first = snap["layers"][0]
+    classes = policies.classify_cells(first["cell_pos"], window, composite=first["composite"])
+    for st in snap["layers"]:
+        kept = np.sort(policies.select_per_head(scores(st, classes), classes, budget), axis=1)
+        kept_all = np.sort(policies.select_per_head(all_rows(st, classes), classes, budget), axis=1)
+        differs.append(not np.array_equal(kept, kept_all))
+    assert any(differs), "the stale rows changed no selection: the test would not see them used"

@@ -158,6 +158,27 @@ void llama_kv_budget_check_model(const llama_model & model) {
         kv_budget_fail(format("not supported for architecture %s, whose memory is %s (supported: plain-KV-cache "
                 "transformers such as llama, qwen2, mistral)", arch.c_str(), why));
     }
+
+    // plain KV caches whose attention needs what a composite cell cannot give: one position per cell and head
+    // that masks and biases can read, or per-cell data that the eviction would have to move
+    if (hparams.use_alibi) {
+        why = "ALiBi attention biases (computed from one position per cell; a composite cell holds a different token "
+              "per KV head)";
+    } else if (hparams.n_pos_per_embd() > 1) {
+        why = "multi-dimensional positions (M-RoPE: several positions per token, kept per cell)";
+    } else if (hparams.ple_n_heads > 0) {
+        why = "per-layer embeddings hashed from the tokens of each cell (kept per cell)";
+    } else if (model.arch == LLM_ARCH_T5) {
+        why = "a relative position bias added to the attention scores, which flash attention (needed by a budget) "
+              "does not take";
+    } else if (model.split_mode() == LLAMA_SPLIT_MODE_TENSOR) {
+        why = "split across devices by tensor (split mode tensor), whose backend does not run the eviction's scoring op";
+    }
+    if (why) {
+        kv_budget_fail(format("not supported for architecture %s, which uses %s (supported: plain-KV-cache "
+                "transformers with rotary or no positions, such as llama, qwen2, mistral; split mode layer or row)",
+                arch.c_str(), why));
+    }
 }
 
 void llama_kv_budget_note_batch(llama_context * lctx, int32_t n_tokens) {
@@ -270,6 +291,7 @@ void llama_kv_cache::budget_init(const llama_kv_budget_params & params) {
         S.comp_pos.assign((size_t) layers.size()*B.n_head_kv_max*get_size(), -1);
         S.comp_cell_pos.assign(get_size(), -1);
         S.acc_valid.assign(get_size(), 0);
+        S.q_pos.assign(params.n_q_rows(), -1);
     }
 
     LLAMA_LOG_INFO("%s: KV budget active: %u cells x %u sequences, query windows %.2f MiB\n", __func__, get_size(), n_stream,
@@ -289,7 +311,6 @@ void llama_kv_cache::budget_init_scores() {
     B.scores_fused_all = false;
 
     // the fused op on every layer whose K device supports it; the composed graph on the others
-    const bool h2o = p.policy == LLAMA_KV_POLICY_H2O;
     const int64_t n_rows = p.n_q_rows();
 
     // ask each layer's K device once, with the shapes of an eviction over the whole cache
@@ -325,7 +346,7 @@ void llama_kv_cache::budget_init_scores() {
         ggml_tensor * k = ggml_view_3d(ctx, layer.k, d_k, n_kv, n_hkv,
                 ggml_row_size(layer.k->type, hparams.n_embd_k_gqa(il)), ggml_row_size(layer.k->type, d_k), 0);
         ggml_tensor * mask  = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv, n_rows);
-        ggml_tensor * row_w = h2o ? ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, n_rows) : nullptr;
+        ggml_tensor * row_w = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, n_rows);
         ggml_tensor * op = ggml_kv_scores(ctx, q, k, mask, row_w, 1.0f,
                 kv_budget_scores_reduce(p.fusion), kv_budget_scores_reduce(p.group_reduce));
 
@@ -347,6 +368,7 @@ uint32_t llama_kv_cache::budget_n_head_kv(uint32_t ikv) const {
 void llama_kv_budget_stream::reset() {
     std::fill(comp_cell_pos.begin(), comp_cell_pos.end(), -1);
     std::fill(acc_valid.begin(), acc_valid.end(), 0);
+    std::fill(q_pos.begin(), q_pos.end(), -1);
     last_evict_pos_max = -1;
     compressed = false;
 }
@@ -536,7 +558,9 @@ void llama_kv_cache::set_input_q_idxs(ggml_tensor * dst, const llama_ubatch * ub
         for (uint32_t j = 0; j < n_keep; ++j) {
             const uint32_t t = k*n_seq_tokens + n_seq_tokens - n_keep + j;
             const uint32_t s = seq_to_stream[ubatch->seq_id[t][0]];
-            data[k*n_keep + j] = (int64_t) s*n_rows + ubatch->pos[t] % n_rows;
+            const uint32_t r = ubatch->pos[t] % n_rows;
+            data[k*n_keep + j] = (int64_t) s*n_rows + r;
+            budget->streams[s].q_pos[r] = ubatch->pos[t]; // the graph about to run writes it
         }
     }
 }
@@ -603,7 +627,8 @@ public:
     ggml_tensor * mask  = nullptr; // F32 [n_kv, n_rows]: 0 for the cells a query row scores, -inf otherwise
     ggml_tensor * bias  = nullptr; // F32 [n_kv, 1]: 0 evictable (streaming: recency), BIG + rank protected, -inf empty
     ggml_tensor * dst   = nullptr; // I64 [C]: destination cells of the kept rows (head granularity)
-    ggml_tensor * row_w = nullptr; // H2O: F32 [1, n_rows]: 1 for the queries since the last eviction, 0 otherwise
+    ggml_tensor * row_w = nullptr; // F32 [1, n_rows]: 1 for a row that scores (H2O: the queries since the last
+                                   // eviction), 0 otherwise (a rejected draft's query)
     ggml_tensor * old   = nullptr; // H2O: F32 [n_kv, 1]: 1 where the accumulated score is valid, 0 for newer cells
     ggml_tensor * evictable = nullptr; // H2O, SnapKV: F32 [n_kv, 1]: 1 evictable, 0 otherwise (protected order stays exact)
 
@@ -875,10 +900,16 @@ void llama_kv_budget_evict::fill_inputs() {
     if (h2o) {
         fill_inputs_h2o();
     } else {
-        // MorphKV, SnapKV: softmax of every window query over the evictable cells
+        // MorphKV, SnapKV: softmax of every window query over the evictable cells; a row whose query is of a
+        // position the cache no longer holds (a rejected draft token) or of none weighs 0
         inp.mask_data.resize((size_t) n_kv*n_mask_rows);
         for (uint32_t r = 0; r < n_mask_rows; ++r) {
             std::copy(row.begin(), row.end(), inp.mask_data.begin() + (size_t) r*n_kv);
+        }
+        inp.row_w_data.resize(n_rows);
+        for (uint32_t r = 0; r < n_rows; ++r) {
+            const llama_pos q = S.q_pos[r];
+            inp.row_w_data[r] = q >= 0 && q <= pos_max && q > pos_max - (llama_pos) n_rows ? 1.0f : 0.0f;
         }
     }
     if (h2o || snapkv) {
@@ -909,7 +940,8 @@ void llama_kv_budget_evict::fill_inputs_h2o() {
     }
     for (uint32_t r = 0; r < n_rows; ++r) {
         const llama_pos p_r = pos_max - (llama_pos) ((pos_max % n_rows + n_rows - r) % n_rows);
-        const bool counted  = p_r >= 0 && p_r > S.last_evict_pos_max;
+        // (a row whose query is not p_r's: a rejected draft's, removed from the cache, is not counted)
+        const bool counted  = p_r >= 0 && p_r > S.last_evict_pos_max && S.q_pos[r] == p_r;
         inp.row_w_data[r]   = counted ? 1.0f : 0.0f;
         float * m = inp.mask_data.data() + (size_t) r*n_kv;
         for (uint32_t i = 0; i < n_kv; ++i) {
@@ -942,7 +974,7 @@ ggml_tensor * llama_kv_budget_evict::layer_scores(ggml_context * ctx, llm_graph_
     const float kq_scale = B.kq_scale[ikv];
     const llama_kv_fusion fusion = h2o ? LLAMA_KV_FUSION_SUM : p.fusion;
     const llama_kv_fusion group  = h2o ? LLAMA_KV_FUSION_SUM : p.group_reduce;
-    ggml_tensor * row_w = h2o ? inp->row_w : nullptr;
+    ggml_tensor * row_w = inp->row_w;
 
     ggml_tensor * scores = B.scores_fused[ikv]
         ? ggml_kv_scores(ctx, q, k, inp->mask, row_w, kq_scale,
@@ -1071,8 +1103,10 @@ ggml_cgraph * llama_kv_budget_evict::build_graph(kv_evict_graph kind) {
     if (order && (h2o || snapkv)) {
         new_input(inp->evictable, n_kv, 1, GGML_TYPE_F32);
     }
-    if (order && h2o) {
+    if (order && !streaming) {
         new_input(inp->row_w, 1, n_rows, GGML_TYPE_F32);
+    }
+    if (order && h2o) {
         new_input(inp->old, n_kv, 1, GGML_TYPE_F32);
     }
     if (order) {
@@ -1410,6 +1444,7 @@ void llama_kv_cache::budget_state_write_extra(llama_io_write_i & io, uint32_t s,
     for (ggml_tensor * q : B.q_win) {
         io.write_tensor(q, (size_t) s*n_rows*q->nb[1], (size_t) n_rows*q->nb[1]);
     }
+    io.write(S.q_pos.data(), n_rows*sizeof(llama_pos));
 
     // H2O's accumulated scores, per saved cell
     const uint8_t compressed = S.compressed;
@@ -1465,6 +1500,7 @@ void llama_kv_cache::budget_state_read_extra(llama_io_read_i & io, uint32_t s, c
     for (ggml_tensor * q : B.q_win) {
         io.read_tensor(q, (size_t) s*n_rows*q->nb[1], (size_t) n_rows*q->nb[1]);
     }
+    io.read(S.q_pos.data(), n_rows*sizeof(llama_pos));
 
     uint8_t compressed = 0;
     io.read(&compressed, sizeof(compressed));

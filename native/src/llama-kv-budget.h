@@ -74,6 +74,10 @@ struct llama_kv_budget_stream {
     // H2O: cells whose accumulated scores are valid (those kept by the last eviction)
     std::vector<uint8_t> acc_valid;
 
+    // the position whose query each row of the stream's query window holds (-1: none); a row holding a position
+    // the cache no longer has (a rejected draft token, removed by seq_rm) does not score the next eviction
+    std::vector<llama_pos> q_pos;
+
     llama_pos last_evict_pos_max = -1; // newest position at the last eviction since the sequence was empty
     bool      compressed = false;      // SnapKV: the prompt was compressed
 
@@ -81,7 +85,7 @@ struct llama_kv_budget_stream {
     uint64_t n_evicted   = 0;  // cells freed by evictions (token granularity) or dropped per head (head)
     double   t_evict_us  = 0.0;
 
-    // forget the evictions' bookkeeping (the sequence is empty)
+    // forget the evictions' bookkeeping and the query window (the sequence is empty)
     void reset();
 };
 
