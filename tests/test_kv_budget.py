@@ -241,12 +241,25 @@ def _as_granite(model_path, out_path, attention_scale: float):
     return out_path
 
 
+def _selections_differ(snap, window: int, budget: int, scores_a, scores_b) -> bool:
+    """Whether two reference scorings of a snapshot keep different cells in some layer and head (a test that
+    compares native selection with ``scores_a`` then sees the difference ``scores_b`` would make)."""
+    from morphkv_gguf import policies
+
+    first = snap["layers"][0]
+    classes = policies.classify_cells(first["cell_pos"], window, composite=first["composite"])
+    for st in snap["layers"]:
+        kept_a = np.sort(policies.select_per_head(scores_a(st, classes), classes, budget), axis=1)
+        kept_b = np.sort(policies.select_per_head(scores_b(st, classes), classes, budget), axis=1)
+        if not np.array_equal(kept_a, kept_b):
+            return True
+    return False
+
+
 def test_selection_scores_at_the_models_attention_scale(model_path, tmp_path):
     """A model whose attention scales q.k by its own factor (here 3/sqrt(d), Granite's attention.scale) is
     scored at that temperature: what every head keeps matches the reference with that scale, and the
     reference with 1/sqrt(d) would have kept other cells."""
-    from morphkv_gguf import policies
-
     budget, window, interval = 64, 8, 16
     d = 64  # the default model's head size
     path = _as_granite(model_path, tmp_path / "granite.gguf", 3.0 / np.sqrt(d))
@@ -259,12 +272,7 @@ def test_selection_scores_at_the_models_attention_scale(model_path, tmp_path):
 
     def check(snap):
         _check_against_reference(llm, snap, budget, window, "head", n_head_kv, scores)
-        first = snap["layers"][0]
-        classes = policies.classify_cells(first["cell_pos"], window, composite=first["composite"])
-        for st in snap["layers"]:
-            kept = np.sort(policies.select_per_head(scores(st, classes), classes, budget), axis=1)
-            kept_plain = np.sort(policies.select_per_head(plain(st, classes), classes, budget), axis=1)
-            differs.append(not np.array_equal(kept, kept_plain))
+        differs.append(_selections_differ(snap, window, budget, scores, plain))
 
     _check_evictions(llm, budget, interval, 2, check)
     assert any(differs), "the scale changed no selection: the test would not see a wrong scale"
@@ -490,7 +498,7 @@ def test_rejected_draft_queries_do_not_score_the_next_eviction(model_path):
     llm = _llm(model_path, kv_budget=budget, kv_window=window, kv_evict_interval=interval)
     n_head, n_head_kv = _heads(llm)
     ctx, mem = llm._ctx.ctx, llama_cpp.llama_get_memory(llm._ctx.ctx)
-    tokens = llm.tokenize((PROMPT + " The story goes on and on. ") .encode() * 8)
+    tokens = llm.tokenize((PROMPT + " The story goes on and on. ").encode() * 8)
 
     def decode(pos0: int, toks: list[int]) -> None:
         batch = llama_cpp.llama_batch_init(len(toks), 0, 1)
@@ -515,10 +523,10 @@ def test_rejected_draft_queries_do_not_score_the_next_eviction(model_path):
     stale = {(n + k) % window for k in range(len(drafts) - 1)}
     snap = _snapshot(llm)
     valid = [r for r in range(window) if r not in stale]
-    differs = []
 
     def scores(st, classes):
         from morphkv_gguf import policies
+
         q = st["queries"].reshape(window, n_head, -1)[valid]
         k = st["keys"].reshape(-1, n_head_kv, q.shape[-1])
         return policies.layer_scores(q, k, classes.evictable, "sum", "sum", None)
@@ -527,11 +535,5 @@ def test_rejected_draft_queries_do_not_score_the_next_eviction(model_path):
     decode(n, [tokens[n]])  # its update runs the eviction
     assert llm.kv_budget_info()["n_evictions"] == snap["n_evictions"] + 1
     _check_against_reference(llm, snap, budget, window, "head", n_head_kv, scores)
-    from morphkv_gguf import policies
-    first = snap["layers"][0]
-    classes = policies.classify_cells(first["cell_pos"], window, composite=first["composite"])
-    for st in snap["layers"]:
-        kept = np.sort(policies.select_per_head(scores(st, classes), classes, budget), axis=1)
-        kept_all = np.sort(policies.select_per_head(all_rows(st, classes), classes, budget), axis=1)
-        differs.append(not np.array_equal(kept, kept_all))
-    assert any(differs), "the stale rows changed no selection: the test would not see them used"
+    assert _selections_differ(snap, window, budget, scores, all_rows), \
+        "the stale rows changed no selection: the test would not see them used"
