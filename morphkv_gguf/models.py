@@ -87,6 +87,7 @@ def resolve_model(path: str | os.PathLike | None) -> Path:
     try:
         return check_gguf(Path(path))
     except ModelError as e:
-        if "not found" in str(e):
-            raise ModelError(f"{e}; or one of the short names {', '.join(MODEL_NAMES)}") from None
+        if not Path(path).exists():
+            raise ModelError(f"model file not found: {path} (expected a .gguf file or one of the short names "
+                             f"{', '.join(MODEL_NAMES)})") from None
         raise

@@ -22,7 +22,7 @@ def gemma_path():
 def test_short_names_resolve(gemma_path, model_path):
     assert gemma_path.suffix == ".gguf" and gemma_path.stat().st_size > 200 * 2**20
     assert resolve_model("smollm2") == model_path
-    with pytest.raises(ModelError, match="short names smollm2, gemma3-270m"):
+    with pytest.raises(ModelError, match="or one of the short names smollm2, gemma3-270m"):
         resolve_model("gemma-9000")
 
 

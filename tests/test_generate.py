@@ -47,7 +47,8 @@ def test_cli_generate_json(model_path):
 def test_cli_missing_model_is_one_line_error(tmp_path):
     result = CliRunner().invoke(main, ["generate", "hi", "-m", str(tmp_path / "nope.gguf")])
     assert result.exit_code == 1
-    assert result.output.strip().splitlines() == [f"Error: model file not found: {tmp_path / 'nope.gguf'} (expected a .gguf file)"]
+    assert result.output.strip().splitlines() == [f"Error: model file not found: {tmp_path / 'nope.gguf'} "
+                                                  "(expected a .gguf file or one of the short names smollm2, gemma3-270m)"]
 
 
 def test_cli_non_gguf_file_is_one_line_error(tmp_path):
