@@ -49,3 +49,32 @@ def load_script(name: str) -> ModuleType:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def model(model_path):
+    """The default model loaded through the C API (MORPHKV_TEST_GPU_LAYERS=99: its layers and caches on the GPU)."""
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    mparams = llama_cpp.llama_model_default_params()
+    mparams.n_gpu_layers = int(os.environ.get("MORPHKV_TEST_GPU_LAYERS", "0"))
+    m = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
+    assert m
+    yield m
+    llama_cpp.llama_model_free(m)
+
+
+def decode_rows(ctx, rows: list[tuple[int, int, int]], outputs: set[int] = frozenset()) -> None:
+    """Decode (seq, pos, token) rows in one llama_decode call; rows whose index is in ``outputs`` get logits."""
+    import llama_cpp
+
+    batch = llama_cpp.llama_batch_init(len(rows), 0, 1)
+    try:
+        batch.n_tokens = len(rows)
+        for i, (seq, pos, tok) in enumerate(rows):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, i in outputs
+            batch.seq_id[i][0] = seq
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+    finally:
+        llama_cpp.llama_batch_free(batch)

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from llama_cpp import Llama, LogitsProcessorList
 
+from conftest import decode_rows
+
 PROMPT = "Write a long story about a lighthouse keeper who records every passing ship in a ledger."
 
 
@@ -501,13 +503,7 @@ def test_rejected_draft_queries_do_not_score_the_next_eviction(model_path):
     tokens = llm.tokenize((PROMPT + " The story goes on and on. ").encode() * 8)
 
     def decode(pos0: int, toks: list[int]) -> None:
-        batch = llama_cpp.llama_batch_init(len(toks), 0, 1)
-        batch.n_tokens = len(toks)
-        for i, t in enumerate(toks):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, pos0 + i, 1, i == len(toks) - 1
-            batch.seq_id[i][0] = 0
-        assert llama_cpp.llama_decode(ctx, batch) == 0
-        llama_cpp.llama_batch_free(batch)
+        decode_rows(ctx, [(0, pos0 + i, t) for i, t in enumerate(toks)], {len(toks) - 1})
 
     # past the first evictions, then up to one cell short of C + S: the next batch's update evicts
     n = 0

@@ -3,13 +3,11 @@ ubatches, and every output index of the batch is the batch's own (llama-server a
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import llama_cpp
 
-from conftest import require_tools
+from conftest import decode_rows, require_tools
 from llama_server import LlamaServer
 
 N_UBATCH = 256
@@ -32,43 +30,20 @@ def _context(model, **overrides):
 def _decode(ctx, tokens: list[int], start: int, wanted: set[int]) -> dict[int, np.ndarray]:
     """Decode tokens (positions start..) in one call; return the logits of the wanted positions."""
     n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx)))
-    batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
-    try:
-        batch.n_tokens = len(tokens)
-        for i, tok in enumerate(tokens):
-            batch.token[i] = tok
-            batch.pos[i] = start + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = (start + i) in wanted
-        assert llama_cpp.llama_decode(ctx, batch) == 0
-        out = {}
-        for i in range(len(tokens)):
-            if start + i in wanted:
-                ptr = llama_cpp.llama_get_logits_ith(ctx, i)
-                assert ptr, f"no logits for batch index {i}"
-                out[start + i] = np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
-        return out
-    finally:
-        llama_cpp.llama_batch_free(batch)
+    outputs = {i for i in range(len(tokens)) if start + i in wanted}
+    decode_rows(ctx, [(0, start + i, tok) for i, tok in enumerate(tokens)], outputs)
+    out = {}
+    for i in sorted(outputs):
+        ptr = llama_cpp.llama_get_logits_ith(ctx, i)
+        assert ptr, f"no logits for batch index {i}"
+        out[start + i] = np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
+    return out
 
 
 def _evictions(ctx) -> int:
     info = llama_cpp.llama_kv_budget_info()
     assert llama_cpp.llama_kv_budget_get_info(ctx, info)
     return info.n_evictions
-
-
-@pytest.fixture(scope="module")
-def model(model_path):
-    llama_cpp.llama_backend_init()
-    mparams = llama_cpp.llama_model_default_params()
-    # MORPHKV_TEST_GPU_LAYERS=99 runs the same checks with the layers (and the cache) on the GPU
-    mparams.n_gpu_layers = int(os.environ.get("MORPHKV_TEST_GPU_LAYERS", "0"))
-    m = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
-    assert m
-    yield m
-    llama_cpp.llama_model_free(m)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import llama_cpp
 
+from conftest import decode_rows
+
 BUDGET, WINDOW, INTERVAL = 64, 8, 16
 N_SEQ = 4
 N_UBATCH = 64  # a 4-sequence prompt batch is split into ubatches of 16 tokens per sequence
@@ -30,19 +32,6 @@ def _context(model, n_seq: int, **overrides):
     return llama_cpp.llama_init_from_model(model, params)
 
 
-def _decode(ctx, rows: list[tuple[int, int, int]]) -> None:
-    """Decode (seq, pos, token) rows in one llama_decode call."""
-    batch = llama_cpp.llama_batch_init(len(rows), 0, 1)
-    try:
-        batch.n_tokens = len(rows)
-        for i, (seq, pos, tok) in enumerate(rows):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, False
-            batch.seq_id[i][0] = seq
-        assert llama_cpp.llama_decode(ctx, batch) == 0
-    finally:
-        llama_cpp.llama_batch_free(batch)
-
-
 def _seq_info(ctx, seq: int) -> llama_cpp.llama_kv_budget_info:
     info = llama_cpp.llama_kv_budget_info()
     assert llama_cpp.llama_kv_budget_get_seq_info(ctx, seq, ctypes.byref(info))
@@ -59,17 +48,6 @@ def _positions(ctx, seq: int) -> list[np.ndarray]:
         assert n > 0
         out.append(np.array(buf[:n]).reshape(-1, info.n_cells))
     return out
-
-
-@pytest.fixture(scope="module")
-def model(model_path):
-    llama_cpp.llama_backend_init()
-    mparams = llama_cpp.llama_model_default_params()
-    mparams.n_gpu_layers = GPU_LAYERS
-    m = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
-    assert m
-    yield m
-    llama_cpp.llama_model_free(m)
 
 
 @pytest.fixture(scope="module")
@@ -111,17 +89,17 @@ def test_each_sequence_keeps_what_it_would_keep_alone(model, streams):
     assert multi and all(singles)
     try:
         # the prompt: one batch of 4 x 100 tokens; alone, the same 16-token pieces its ubatches hold
-        _decode(multi, [(k, p, streams[k][p]) for k in range(N_SEQ) for p in range(N_PROMPT)])
+        decode_rows(multi, [(k, p, streams[k][p]) for k in range(N_SEQ) for p in range(N_PROMPT)])
         for k, ctx in enumerate(singles):
             for p0 in range(0, N_PROMPT, N_UBATCH // N_SEQ):
-                _decode(ctx, [(0, p, streams[k][p]) for p in range(p0, min(p0 + N_UBATCH // N_SEQ, N_PROMPT))])
+                decode_rows(ctx, [(0, p, streams[k][p]) for p in range(p0, min(p0 + N_UBATCH // N_SEQ, N_PROMPT))])
 
         n_diff = n_all = n_checked = 0
         last = [0] * N_SEQ
         for p in range(N_PROMPT, len(streams[0])):
-            _decode(multi, [(k, p, streams[k][p]) for k in range(N_SEQ)])
+            decode_rows(multi, [(k, p, streams[k][p]) for k in range(N_SEQ)])
             for k, ctx in enumerate(singles):
-                _decode(ctx, [(0, p, streams[k][p])])
+                decode_rows(ctx, [(0, p, streams[k][p])])
             for k, ctx in enumerate(singles):
                 m, s = _seq_info(multi, k), _seq_info(ctx, 0)
                 assert m.n_evictions == s.n_evictions and m.n_used == s.n_used
@@ -155,15 +133,15 @@ def test_sequence_edits_per_sequence(model, streams):
     assert ctx
     try:
         mem = llama_cpp.llama_get_memory(ctx)
-        _decode(ctx, [(k, p, streams[k][p]) for k in range(2) for p in range(200)])
-        _decode(ctx, [(k, 200, streams[k][200]) for k in range(2)])  # the update before it evicts both
+        decode_rows(ctx, [(k, p, streams[k][p]) for k in range(2) for p in range(200)])
+        decode_rows(ctx, [(k, 200, streams[k][200]) for k in range(2)])  # the update before it evicts both
         assert _seq_info(ctx, 0).n_evictions > 0 and _seq_info(ctx, 1).n_evictions > 0
         assert not llama_cpp.llama_memory_seq_rm(mem, 0, 10, -1)   # older than the last eviction
         assert llama_cpp.llama_memory_seq_rm(mem, 0, 200, -1)      # the token decoded after it
         before = _positions(ctx, 1)
 
         llama_cpp.llama_memory_seq_cp(mem, 1, 2, -1, -1)
-        _decode(ctx, [(2, 201, streams[1][201]), (1, 201, streams[1][201])])  # the update copies the data
+        decode_rows(ctx, [(2, 201, streams[1][201]), (1, 201, streams[1][201])])  # the update copies the data
         assert _seq_info(ctx, 2).n_used == _seq_info(ctx, 1).n_used
         assert all(np.array_equal(a, b) for a, b in zip(_positions(ctx, 1), _positions(ctx, 2)))
         assert _positions(ctx, 1)[0][:, :BUDGET].tolist() == before[0][:, :BUDGET].tolist()
