@@ -31,6 +31,8 @@ BUDGET_ARCHITECTURES = (
     "llama", "qwen2", "qwen3", "phi3", "granite", "stablelm", "starcoder2", "olmo", "olmo2",
     "internlm2", "exaone", "deepseek", "smollm3", "mistral3",
 )
+# iSWA architectures: the budget covers the full-attention layers, the sliding-window layers keep llama.cpp's cache
+BUDGET_ISWA_ARCHITECTURES = ("gemma3",)
 # architectures whose llama.cpp loader ignores a sliding_window key (so the cache stays plain)
 _SWA_KEY_IGNORED = ("llama", "phi3")
 
@@ -238,6 +240,9 @@ def budget_support(shape: ModelShape) -> tuple[bool, str]:
         return no("it uses multi-head latent attention (MLA), whose cache holds compressed latents")
     if arch in _ENCODER:
         return no("it is an encoder/embedding model without a KV cache")
+    if arch in BUDGET_ISWA_ARCHITECTURES:
+        return True, (f"architecture {arch} uses llama.cpp's iSWA cache: the budget covers its full-attention layers, "
+                      f"the sliding-window layers keep their bounded cache")
     if arch in _SLIDING:
         return no("it uses sliding-window attention (iSWA cache)")
     swa = shape.sliding_window or 0
@@ -275,8 +280,9 @@ def kv_bytes_per_token(shape: ModelShape, cache_type: str = "f16") -> int:
 
 
 def query_window_bytes(shape: ModelShape, kv_window: int = DEFAULT_KV_WINDOW) -> int:
-    """The budget's ring buffer: F32 [head_k*n_head, W] per layer that has a KV cache."""
-    layers = sum(1 for n_kv in shape.kv_heads_per_layer if n_kv > 0)
+    """The budget's ring buffer: F32 [head_k*n_head, W] per budgeted layer (with a KV cache, not sliding-window)."""
+    swa = shape.swa_layers if shape.swa_layers and shape.sliding_window else (False,) * len(shape.kv_heads_per_layer)
+    layers = sum(1 for n_kv, is_swa in zip(shape.kv_heads_per_layer, swa) if n_kv > 0 and not is_swa)
     return layers * shape.n_head * shape.head_k * kv_window * 4
 
 
@@ -360,7 +366,11 @@ def plan_kv_memory(shape: ModelShape, length: int, *, cache_type: str = "f16", k
     if kv_evict_interval is None:
         kv_evict_interval = auto_evict_interval(kv_budget, n_ubatch)
     cells = budget_cells(kv_budget, kv_evict_interval, n_ubatch)
+    budget_bytes = cells * per_token
+    if plan.swa_layers:  # the budget covers the full-attention layers; the sliding-window ones stay as planned
+        per_layer = per_token / shape.n_layer
+        budget_bytes = int(per_layer * ((shape.n_layer - plan.swa_layers) * cells + plan.swa_layers * plan.swa_cells))
     return KVMemoryPlan(**{**asdict(plan), "kv_budget": kv_budget, "kv_window": kv_window,
                            "kv_evict_interval": kv_evict_interval, "n_ubatch": n_ubatch,
-                           "budget_cells": cells, "budget_kv_bytes": cells * per_token,
+                           "budget_cells": cells, "budget_kv_bytes": budget_bytes,
                            "query_window_bytes": query_window_bytes(shape, kv_window)})

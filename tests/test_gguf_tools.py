@@ -117,7 +117,7 @@ def test_quantized_cache_types_plan_a_smaller_budget(default_shape):
 
 
 @pytest.mark.parametrize("arch, keys, words", [
-    ("gemma3", {"sliding_window": 512}, "sliding-window"),
+    ("cohere2", {"sliding_window": 4096}, "sliding-window"),
     ("mamba", {}, "recurrent"),
     ("jamba", {}, "hybrid"),
     ("deepseek2", {"kv_lora_rank": 512}, "latent attention"),

@@ -8,6 +8,7 @@
 #include "llama-impl.h"
 #include "llama-io.h"
 #include "llama-kv-cache.h"
+#include "llama-kv-cache-iswa.h"
 #include "llama-model.h"
 
 #include <algorithm>
@@ -149,8 +150,6 @@ void llama_kv_budget_check_model(const llama_model & model) {
         why = "recurrent state";
     } else if (llm_arch_is_hybrid(model.arch)) {
         why = "hybrid recurrent/attention memory";
-    } else if (hparams.swa_type != LLAMA_SWA_TYPE_NONE || hparams.is_swa_any()) {
-        why = "sliding-window attention (iSWA cache)";
     } else if (hparams.is_mla()) {
         why = "multi-head latent attention (MLA)";
     }
@@ -171,6 +170,10 @@ void llama_kv_budget_check_model(const llama_model & model) {
     } else if (model.arch == LLM_ARCH_T5) {
         why = "a relative position bias added to the attention scores, which flash attention (needed by a budget) "
               "does not take";
+    } else if (hparams.attn_soft_cap) {
+        why = "attention logit soft-capping";
+    } else if (model.arch == LLM_ARCH_GEMMA4_ASSISTANT) {
+        why = "the KV cache of another model (an assistant model)";
     } else if (model.split_mode() == LLAMA_SPLIT_MODE_TENSOR) {
         why = "split across devices by tensor (split mode tensor), whose backend does not run the eviction's scoring op";
     }
@@ -179,10 +182,32 @@ void llama_kv_budget_check_model(const llama_model & model) {
                 "transformers with rotary or no positions, such as llama, qwen2, mistral; split mode layer or row)",
                 arch.c_str(), why));
     }
+
+    // iSWA: the budget covers the full-attention layers; the sliding-window layers keep stock llama.cpp's bounded cache
+    if (hparams.swa_type != LLAMA_SWA_TYPE_NONE) {
+        bool any_full = false;
+        for (uint32_t il = 0; il < hparams.n_layer(); ++il) {
+            any_full = any_full || !hparams.is_swa(il);
+        }
+        if (!any_full) {
+            kv_budget_fail(format("not needed for architecture %s: every layer uses sliding-window attention, whose "
+                    "cache llama.cpp already bounds (a budget covers full-attention layers)", arch.c_str()));
+        }
+    }
+}
+
+llama_kv_cache * llama_kv_budget_cache_of(llama_memory_i * mem) {
+    if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
+        return kv;
+    }
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        return iswa->get_base(); // the full-attention layers
+    }
+    return nullptr;
 }
 
 void llama_kv_budget_note_batch(llama_context * lctx, int32_t n_tokens) {
-    auto * kv = dynamic_cast<llama_kv_cache *>(lctx->get_memory());
+    auto * kv = llama_kv_budget_cache_of(lctx->get_memory());
     if (kv && kv->budget_active()) {
         kv->budget_note_batch(n_tokens);
     }
@@ -1531,7 +1556,7 @@ static llama_kv_cache * kv_budget_cache(const llama_context * ctx) {
     if (!ctx) {
         return nullptr;
     }
-    return dynamic_cast<llama_kv_cache *>(llama_get_memory(ctx));
+    return llama_kv_budget_cache_of(llama_get_memory(ctx));
 }
 
 bool llama_kv_budget_supported(const llama_model * model, char * why, size_t why_size) {

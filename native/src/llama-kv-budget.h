@@ -4,7 +4,7 @@
 //
 // With cparams.kv_budget = C > 0 the plain llama_kv_cache is allocated for C + max(S, n_ubatch) cells
 // (padded to 256) per sequence instead of n_ctx: each sequence has its own stream of the non-unified cache
-// and its own budget. Once C + S of a sequence's cells are in use (or a ubatch finds no free slot), an
+// and its own budget (an iSWA model: its full-attention layers; the sliding-window layers keep their cache). Once C + S of a sequence's cells are in use (or a ubatch finds no free slot), an
 // eviction graph runs for that sequence in the cache's update step or between two ubatches of a batch: the last W post-RoPE queries of every layer (kept in
 // a ring buffer written by build_attn) score the older cells, softmax over the evictable cells, fused
 // over the window rows and over the query heads of each KV head; then
@@ -57,8 +57,14 @@ struct llama_kv_budget_params {
 // (flash attention on); throws std::runtime_error naming what is wrong
 void llama_kv_budget_configure(const llama_context_params & params, llama_cparams & cparams);
 
-// throws std::runtime_error if the model's memory is not the plain KV cache
+// throws std::runtime_error if a budget cannot cover the model's memory (supported: the plain KV cache, and the
+// full-attention layers of an iSWA cache)
 void llama_kv_budget_check_model(const llama_model & model);
+
+// the cache a budget lives in: the plain KV cache, or the full-attention (base) cache of an iSWA cache; nullptr otherwise
+class llama_kv_cache;
+struct llama_memory_i;
+llama_kv_cache * llama_kv_budget_cache_of(llama_memory_i * mem);
 
 // the size of the batch being decoded (SnapKV compresses before the first single-token batch)
 void llama_kv_budget_note_batch(llama_context * lctx, int32_t n_tokens);
