@@ -24,27 +24,56 @@ DEFAULT_KV_WINDOW = 32      # llama_kv_budget_params defaults
 MIN_EVICT_INTERVAL = 64     # the automatic interval's floor (and H2O's automatic interval)
 DEFAULT_N_UBATCH = 512      # llama_context_default_params().n_ubatch
 
-# Architectures whose memory in llama.cpp is the plain KV cache with full attention in every layer
-# (each builds its graph with build_attn_inp_kv); kept short on purpose: others may work but are untested.
-# Mistral 7B and Mistral Nemo are stored as "llama".
-BUDGET_ARCHITECTURES = (
-    "llama", "qwen2", "qwen3", "phi3", "granite", "stablelm", "starcoder2", "olmo", "olmo2",
-    "internlm2", "exaone", "deepseek", "smollm3", "mistral3",
-)
-# iSWA architectures: the budget covers the full-attention layers, the sliding-window layers keep llama.cpp's cache
-BUDGET_ISWA_ARCHITECTURES = ("gemma3",)
-# architectures whose llama.cpp loader ignores a sliding_window key (so the cache stays plain)
-_SWA_KEY_IGNORED = ("llama", "phi3")
+# What a budget does with every architecture llama.cpp knows, as our every-architecture test found it (a context
+# with a budget on test-llama-archs' tiny model of each one: budgeted, or refused with llama.cpp's reason);
+# regenerated with `build/tools-cpu/patched/bin/test-kv-budget-archs > morphkv_gguf/data/kv_budget_architectures.tsv`
+# and kept fresh by tests/test_every_architecture.py
+ARCHITECTURES_TABLE = "kv_budget_architectures.tsv"
+BUDGET_ACCEPTED = ("supported: decoders with a plain or sliding-window (iSWA) KV cache and rotary or no positions, "
+                   "such as llama, qwen2, mistral, gemma3; split mode layer or row")
 
-# the refusals, by what the memory is (names as llama-arch.cpp spells them)
-_RECURRENT = ("mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7")
-_HYBRID = ("jamba", "falcon-h1", "plamo2", "granitehybrid", "lfm2", "lfm2moe", "nemotron_h", "nemotron_h_moe",
-           "qwen3next", "qwen35", "qwen35moe", "kimi-linear", "minimax-01")
-_MLA = ("deepseek2", "deepseek32", "minicpm3", "glm-dsa")
-_ENCODER = ("bert", "modern-bert", "nomic-bert", "nomic-bert-moe", "neo-bert", "jina-bert-v2", "jina-bert-v3",
-            "eurobert", "t5encoder", "gemma-embedding", "llama-embed")
-_SLIDING = ("gemma2", "gemma3", "gemma3n", "gemma4", "cohere2", "cohere2moe", "llama4", "gpt-oss",
-            "granite_swa", "exaone4", "mimo2", "step35")
+
+@dataclass(frozen=True)
+class ArchitectureVerdict:
+    architecture: str
+    config: str   # the fixture tested: dense or MoE
+    verdict: str  # budget, refused, untested
+    detail: str   # the budget's figures, llama.cpp's refusal, or why it was not tested
+
+
+def read_architectures_table(text: str | None = None) -> dict[str, ArchitectureVerdict]:
+    """The every-architecture table (the packaged one unless ``text`` is given), by architecture name."""
+    if text is None:
+        from importlib.resources import files
+
+        text = (files("morphkv_gguf") / "data" / ARCHITECTURES_TABLE).read_text()
+    table = {}
+    for line in text.splitlines():
+        if line.strip():
+            arch, config, verdict, detail = line.split("\t", 3)
+            table[arch] = ArchitectureVerdict(arch, config, verdict, detail)
+    return table
+
+
+def architectures_markdown(table: dict[str, ArchitectureVerdict] | None = None) -> str:
+    """The every-architecture table as markdown (docs/architectures.md): budgeted, then refused, then untested."""
+    table = read_architectures_table() if table is None else table
+    order = {"budget": 0, "refused": 1, "untested": 2}
+    say = {"budget": "budgeted", "refused": "refused", "untested": "not tested"}
+    lines = ["| architecture | fixture | with a budget | detail |", "|---|---|---|---|"]
+    for r in sorted(table.values(), key=lambda r: (order.get(r.verdict, 3), r.architecture)):
+        detail = _refusal_reason(r.detail) if r.verdict == "refused" else r.detail
+        lines.append(f"| {r.architecture} | {r.config} | {say.get(r.verdict, r.verdict)} | {detail} |")
+    return "\n".join(lines) + "\n"
+
+
+def _refusal_reason(detail: str) -> str:
+    """What llama.cpp's refusal says about the architecture, without the list of what is supported."""
+    text = detail.split(" (supported: ")[0]
+    for lead, say in ((", whose memory ", "its memory "), (", which uses ", "it uses ")):
+        if lead in text:
+            return say + text.split(lead, 1)[1]
+    return text
 
 
 @dataclass(frozen=True)
@@ -224,36 +253,29 @@ def read_model_shape(path: str | os.PathLike) -> ModelShape:
 
 
 def budget_support(shape: ModelShape) -> tuple[bool, str]:
-    """Whether our patched llama.cpp can run this model with a KV budget, and why (or why not)."""
+    """Whether our patched llama.cpp runs this model with a KV budget, and why (or why not): the verdict of the
+    every-architecture test for its architecture (llama.cpp decides the memory type by architecture), and
+    whether the file makes every layer sliding-window (then llama.cpp bounds the cache without a budget)."""
     arch = shape.architecture
-    accepted = (f"supported: plain-KV-cache decoders without a sliding window: "
-                f"{', '.join(BUDGET_ARCHITECTURES)}")
+    row = read_architectures_table().get(arch)
 
-    def no(memory: str) -> tuple[bool, str]:
-        return False, f"KV budgets are not supported for architecture {arch}: {memory} ({accepted})"
+    def no(why: str) -> tuple[bool, str]:
+        return False, f"KV budgets are not supported for architecture {arch}: {why} ({BUDGET_ACCEPTED})"
 
-    if arch in _RECURRENT:
-        return no("its memory is a recurrent state, not a KV cache")
-    if arch in _HYBRID:
-        return no("its memory is hybrid (recurrent state and KV cache)")
-    if arch in _MLA or shape.is_mla:
-        return no("it uses multi-head latent attention (MLA), whose cache holds compressed latents")
-    if arch in _ENCODER:
-        return no("it is an encoder/embedding model without a KV cache")
-    if arch in BUDGET_ISWA_ARCHITECTURES:
-        return True, (f"architecture {arch} uses llama.cpp's iSWA cache: the budget covers its full-attention layers, "
-                      f"the sliding-window layers keep their bounded cache")
-    if arch in _SLIDING:
-        return no("it uses sliding-window attention (iSWA cache)")
-    swa = shape.sliding_window or 0
-    if swa > 0 and arch not in _SWA_KEY_IGNORED:
-        return no(f"the file sets a sliding window of {swa} tokens (iSWA cache)")
-    if arch not in BUDGET_ARCHITECTURES:
-        return False, f"architecture {arch} is not known to work with KV budgets ({accepted})"
-    reason = f"architecture {arch} uses llama.cpp's plain KV cache"
-    if swa > 0:
-        reason += f" (the file's sliding window of {swa} is ignored by llama.cpp for {arch})"
-    return True, reason
+    if row is None:
+        return no("llama.cpp does not know it")
+    if row.verdict == "refused":
+        return no(_refusal_reason(row.detail))
+    if row.verdict != "budget":
+        return no(f"not covered by the every-architecture test ({row.detail})")
+    if shape.swa_layers and shape.sliding_window and all(shape.swa_layers):
+        return False, (f"a KV budget is not needed for this {arch} model: every layer uses sliding-window attention, "
+                       f"whose cache llama.cpp already bounds")
+    if shape.swa_layers and shape.sliding_window and any(shape.swa_layers):
+        return True, (f"architecture {arch} uses llama.cpp's iSWA cache: the budget covers its "
+                      f"{len(shape.swa_layers) - sum(shape.swa_layers)} full-attention layers, the sliding-window "
+                      f"layers keep their bounded cache")
+    return True, f"architecture {arch} runs under a budget in llama.cpp (every-architecture test: {row.detail})"
 
 
 def _cache_quant_size(cache_type: str) -> tuple[int, int]:

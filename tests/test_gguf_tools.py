@@ -12,7 +12,7 @@ from click.testing import CliRunner
 gguf = pytest.importorskip("gguf")
 
 from morphkv_gguf.cli import main  # noqa: E402
-from morphkv_gguf.gguf_info import (BUDGET_ARCHITECTURES, KV_CACHE_TYPES, budget_support,  # noqa: E402
+from morphkv_gguf.gguf_info import (KV_CACHE_TYPES, budget_support,  # noqa: E402
                                     kv_bytes_per_token, plan_kv_memory, read_model_shape)
 from morphkv_gguf.gguf_synth import (SHAPES, synthetic_n_params, synthetic_size,  # noqa: E402
                                      write_synthetic_gguf)
@@ -38,7 +38,10 @@ def _metadata_gguf(path: Path, arch: str, **keys) -> Path:
     w.add_uint32(f"{arch}.attention.head_count_kv", 2)
     w.add_uint32(f"{arch}.context_length", 4096)
     for key, value in keys.items():
-        w.add_uint32(f"{arch}.attention.{key}", value)
+        if isinstance(value, list):
+            w.add_array(f"{arch}.attention.{key}", value)
+        else:
+            w.add_uint32(f"{arch}.attention.{key}", value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -117,13 +120,13 @@ def test_quantized_cache_types_plan_a_smaller_budget(default_shape):
 
 
 @pytest.mark.parametrize("arch, keys, words", [
-    ("cohere2", {"sliding_window": 4096}, "sliding-window"),
-    ("mamba", {}, "recurrent"),
+    ("mamba", {}, "recurrent state"),
     ("jamba", {}, "hybrid"),
     ("deepseek2", {"kv_lora_rank": 512}, "latent attention"),
-    ("bert", {}, "encoder"),
-    ("qwen2", {"sliding_window": 4096}, "sliding window of 4096"),
-    ("falcon", {}, "not known to work"),
+    ("mpt", {}, "ALiBi"),
+    ("gemma2", {"sliding_window": 4096}, "soft-capping"),
+    ("bert", {}, "not covered by the every-architecture test"),
+    ("no-such-arch", {}, "llama.cpp does not know it"),
 ])
 def test_budget_refusals_name_the_reason_and_what_is_accepted(tmp_path, arch, keys, words):
     shape = read_model_shape(_metadata_gguf(tmp_path / f"{arch}.gguf", arch, **keys))
@@ -131,12 +134,23 @@ def test_budget_refusals_name_the_reason_and_what_is_accepted(tmp_path, arch, ke
     ok, reason = budget_support(shape)
     assert not ok
     assert arch in reason and words in reason
-    assert "supported: " in reason and ", ".join(BUDGET_ARCHITECTURES) in reason
+    assert "supported: " in reason and "gemma3" in reason
 
 
-def test_sliding_window_key_ignored_for_llama(tmp_path):
+def test_sliding_window_models_budget_their_full_attention_layers(tmp_path):
+    """A budget covers the full-attention layers; a file whose pattern makes every layer sliding-window needs no
+    budget (llama.cpp bounds that cache)."""
+    ok, reason = budget_support(read_model_shape(_metadata_gguf(tmp_path / "g.gguf", "gemma3", sliding_window=512,
+                                                                sliding_window_pattern=[True, True, True, False])))
+    assert ok and "iSWA" in reason and "1 full-attention layers" in reason
+    ok, reason = budget_support(read_model_shape(_metadata_gguf(tmp_path / "g1.gguf", "gemma3", sliding_window=512,
+                                                                sliding_window_pattern=[True] * 4)))
+    assert not ok and "every layer uses sliding-window attention" in reason
+
+
+def test_a_sliding_window_key_llama_cpp_ignores_keeps_the_plain_cache(tmp_path):
     ok, reason = budget_support(read_model_shape(_metadata_gguf(tmp_path / "l.gguf", "llama", sliding_window=4096)))
-    assert ok and "ignored" in reason
+    assert ok and "runs under a budget" in reason
 
 
 def test_per_layer_kv_heads(tmp_path):

@@ -64,13 +64,15 @@ static uint32_t kv_budget_auto_interval(uint32_t budget, uint32_t n_ubatch, llam
     return std::max(s_min, std::min(budget/8, n_ubatch));
 }
 
-void llama_kv_budget_configure(const llama_context_params & params, llama_cparams & cparams) {
+void llama_kv_budget_configure(const llama_model & model, const llama_context_params & params, llama_cparams & cparams) {
     auto & kb = cparams.kv_budget;
     kb = llama_kv_budget_params();
 
     if (params.kv_budget == 0) {
         return; // stock behaviour
     }
+
+    llama_kv_budget_check_model(model);
 
     if (params.kv_window == 0) {
         kv_budget_fail("kv_window must be at least 1 (the recent tokens whose queries score the cache)");
@@ -141,6 +143,11 @@ void llama_kv_budget_configure(const llama_context_params & params, llama_cparam
             std::max(1u, params.n_seq_max));
 }
 
+const char * llama_kv_budget_accepted() {
+    return "supported: decoders with a plain or sliding-window (iSWA) KV cache and rotary or no positions, such as "
+           "llama, qwen2, mistral, gemma3; split mode layer or row";
+}
+
 void llama_kv_budget_check_model(const llama_model & model) {
     const auto & hparams = model.hparams;
     const std::string arch = model.arch_name();
@@ -154,8 +161,8 @@ void llama_kv_budget_check_model(const llama_model & model) {
         why = "multi-head latent attention (MLA)";
     }
     if (why) {
-        kv_budget_fail(format("not supported for architecture %s, whose memory is %s (supported: plain-KV-cache "
-                "transformers such as llama, qwen2, mistral)", arch.c_str(), why));
+        kv_budget_fail(format("not supported for architecture %s, whose memory is %s (%s)", arch.c_str(), why,
+                llama_kv_budget_accepted()));
     }
 
     // plain KV caches whose attention needs what a composite cell cannot give: one position per cell and head
@@ -172,15 +179,16 @@ void llama_kv_budget_check_model(const llama_model & model) {
               "does not take";
     } else if (hparams.attn_soft_cap) {
         why = "attention logit soft-capping";
+    } else if (model.arch == LLM_ARCH_GROK) {
+        why = "an attention that llama.cpp runs without flash attention (which a budget needs)";
     } else if (model.arch == LLM_ARCH_GEMMA4_ASSISTANT) {
         why = "the KV cache of another model (an assistant model)";
     } else if (model.split_mode() == LLAMA_SPLIT_MODE_TENSOR) {
-        why = "split across devices by tensor (split mode tensor), whose backend does not run the eviction's scoring op";
+        why = "a split across devices by tensor (split mode tensor), whose backend does not run the eviction's scoring op";
     }
     if (why) {
-        kv_budget_fail(format("not supported for architecture %s, which uses %s (supported: plain-KV-cache "
-                "transformers with rotary or no positions, such as llama, qwen2, mistral; split mode layer or row)",
-                arch.c_str(), why));
+        kv_budget_fail(format("not supported for architecture %s, which uses %s (%s)", arch.c_str(), why,
+                llama_kv_budget_accepted()));
     }
 
     // iSWA: the budget covers the full-attention layers; the sliding-window layers keep stock llama.cpp's bounded cache

@@ -53,13 +53,17 @@ struct llama_kv_budget_params {
     uint32_t n_q_rows() const { return policy == LLAMA_KV_POLICY_H2O ? std::max(window, interval) : window; }
 };
 
-// validates the user's parameters, fills cparams' budget fields and adjusts the ones a budget needs
-// (flash attention on); throws std::runtime_error naming what is wrong
-void llama_kv_budget_configure(const llama_context_params & params, llama_cparams & cparams);
+// with a budget: refuses a model it cannot cover (llama_kv_budget_check_model), validates the user's parameters,
+// fills cparams' budget fields and adjusts the ones a budget needs (flash attention on); throws std::runtime_error
+// naming what is wrong
+void llama_kv_budget_configure(const llama_model & model, const llama_context_params & params, llama_cparams & cparams);
 
 // throws std::runtime_error if a budget cannot cover the model's memory (supported: the plain KV cache, and the
 // full-attention layers of an iSWA cache)
 void llama_kv_budget_check_model(const llama_model & model);
+
+// what a budget supports, for refusals: "supported: ..."
+const char * llama_kv_budget_accepted();
 
 // the cache a budget lives in: the plain KV cache, or the full-attention (base) cache of an iSWA cache; nullptr otherwise
 class llama_kv_cache;
