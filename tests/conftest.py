@@ -24,12 +24,12 @@ def data_dir() -> Path:
     return DATA
 
 
-def require_tools(*names: str) -> dict[tuple[str, str], Path]:
-    """Paths of tools from both trees; skip if not built, unless MORPHKV_REQUIRE_TOOLS=1 (CI)."""
+def require_tools(*names: str, trees: tuple[str, ...] = ("patched", "stock")) -> dict[tuple[str, str], Path]:
+    """Paths of tools from the trees; skip if not built, unless MORPHKV_REQUIRE_TOOLS=1 (CI)."""
     found = {}
     missing = []
     for name in names:
-        for tree in ("patched", "stock"):
+        for tree in trees:
             path = tool_path(name, tree)
             if path.exists():
                 found[(name, tree)] = path
