@@ -64,11 +64,13 @@ def _kq_scale(d: int, scale: float | None) -> float:
 
 
 def layer_scores(q_win: npt.ArrayLike, keys: npt.ArrayLike, evictable: npt.ArrayLike,
-                 fusion: str = "sum", group_reduce: str = "sum", scale: float | None = None) -> np.ndarray:
+                 fusion: str = "sum", group_reduce: str = "sum", scale: float | None = None,
+                 softcap: float = 0.0) -> np.ndarray:
     """MorphKV scores of one layer's cells, per KV head.
 
     q_win: [W, n_head, d] post-RoPE queries of the window; keys: [n_cells, n_head_kv, d];
-    evictable: [n_cells] bool; scale: the model's scale of q.k (llama.cpp's kq_scale; None: 1/sqrt(d)).
+    evictable: [n_cells] bool; scale: the model's scale of q.k (llama.cpp's kq_scale; None: 1/sqrt(d));
+    softcap: the model's attention logit soft-capping (logits softcap*tanh(x/softcap), Gemma 2: 50; 0: none).
     Returns [n_head_kv, n_cells] with 0 for cells that are not evictable.
     Query head h reads KV head h // (n_head // n_head_kv), as in llama.cpp's GQA.
     """
@@ -82,6 +84,8 @@ def layer_scores(q_win: npt.ArrayLike, keys: npt.ArrayLike, evictable: npt.Array
     group = n_head // n_head_kv
     k_per_q = np.repeat(k, group, axis=1)                         # [n_cells, n_head, d]
     logits = np.einsum("whd,chd->hwc", q, k_per_q) * _kq_scale(d, scale)  # [n_head, W, n_cells]
+    if softcap > 0:
+        logits = softcap * np.tanh(logits / softcap)
     logits = np.where(ev[None, None, :], logits, -np.inf)
     logits -= logits.max(axis=-1, keepdims=True)
     prob = np.exp(logits)

@@ -18,7 +18,8 @@
 #                also kv_budget=2048 from it for the shapes in MORPHKV_BENCH_PREV_SHAPES ("llama-3.1-8b")
 #   phase kernel: the fused scoring op on the GPU (test-backend-ops -o KV_SCORES, test-kv-scores, whose
 #                cases include both ways of the CUDA kernel: logits stored between its passes, and recomputed
-#                for more than 32 query heads per KV head; and its perf), then on the 8B shape, per
+#                for more than 32 query heads per KV head; and its perf), every architecture's fixture model
+#                under a budget on the GPU (test-kv-budget-archs -b CUDA0), then on the 8B shape, per
 #                MORPHKV_KERNEL_RUNS entry budget[:ab][:sN][:nN][:prev], a llama-bench run whose debug log
 #                times every eviction's stages (inputs, order, read-back, gather, metadata) and, with :ab,
 #                decode speed at MORPHKV_KERNEL_DEPTHS; :sN sets the eviction interval to N; :nN generates N
@@ -72,7 +73,7 @@ build)
     pids=""
     for t in $trees; do
         targets="llama-bench llama-batched-bench"
-        [ "$t" = patched ] && targets="llama-bench llama-batched-bench test-kv-scores ${MORPHKV_BENCH_OPS_TEST-test-backend-ops}"
+        [ "$t" = patched ] && targets="llama-bench llama-batched-bench test-kv-scores test-kv-budget-archs ${MORPHKV_BENCH_OPS_TEST-test-backend-ops}"
         cmake --build "$work/build-$t" --target $targets -j $((16 / n_trees)) > "$OUT/build-$t.log" 2>&1 &
         pids="$pids $!"
     done
@@ -179,6 +180,12 @@ kernel)
     fi
     "$bin/test-kv-scores" > "$OUT/test-kv-scores.txt" 2>&1 || echo "test-kv-scores failed: $?"
     echo "test-kv-scores: $(tail -1 "$OUT/test-kv-scores.txt")"
+    if [ -x "$bin/test-kv-budget-archs" ]; then
+        # every architecture's fixture model on the GPU with a budget (or refused), as CI runs it on the CPU
+        "$bin/test-kv-budget-archs" -b CUDA0 > "$OUT/test-kv-budget-archs-cuda.tsv" 2> "$OUT/test-kv-budget-archs-cuda.log" \
+            || echo "test-kv-budget-archs failed: $?"
+        echo "test-kv-budget-archs -b CUDA0: $(tail -1 "$OUT/test-kv-budget-archs-cuda.log")"
+    fi
     if [ "${MORPHKV_KERNEL_PERF:-1}" = 1 ]; then
         "$bin/test-kv-scores" perf > "$OUT/test-kv-scores-perf.txt" 2>&1 || echo "test-kv-scores perf failed: $?"
         echo "perf, fused / composed us:"

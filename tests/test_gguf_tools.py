@@ -124,7 +124,7 @@ def test_quantized_cache_types_plan_a_smaller_budget(default_shape):
     ("jamba", {}, "hybrid"),
     ("deepseek2", {"kv_lora_rank": 512}, "latent attention"),
     ("mpt", {}, "ALiBi"),
-    ("gemma2", {"sliding_window": 4096}, "soft-capping"),
+    ("grok", {}, "without flash attention"),
     ("bert", {}, "not covered by the every-architecture test"),
     ("no-such-arch", {}, "llama.cpp does not know it"),
 ])

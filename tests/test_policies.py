@@ -10,7 +10,7 @@ import pytest
 from morphkv_gguf import policies
 
 
-def _loop_scores(q, k, evictable, fusion, group_reduce):
+def _loop_scores(q, k, evictable, fusion, group_reduce, softcap=0.0):
     """MorphKV's definition element by element (softmax over evictable cells per query head and row)."""
     n_w, n_head, d = q.shape
     n_cells, n_head_kv, _ = k.shape
@@ -24,6 +24,8 @@ def _loop_scores(q, k, evictable, fusion, group_reduce):
             for r in range(n_w):
                 logits = [sum(q[r, h, x] * k[c, hk, x] for x in range(d)) / math.sqrt(d) if evictable[c] else None
                           for c in range(n_cells)]
+                if softcap:
+                    logits = [softcap * math.tanh(v / softcap) if v is not None else None for v in logits]
                 m = max(v for v in logits if v is not None)
                 e = [math.exp(v - m) if v is not None else 0.0 for v in logits]
                 z = sum(e)
@@ -37,15 +39,18 @@ def _loop_scores(q, k, evictable, fusion, group_reduce):
 
 @pytest.mark.parametrize("fusion", ["sum", "max"])
 @pytest.mark.parametrize("group_reduce", ["sum", "max"])
-def test_scores_match_the_definition(fusion, group_reduce):
+@pytest.mark.parametrize("softcap", [0.0, 1.5])
+def test_scores_match_the_definition(fusion, group_reduce, softcap):
     rng = np.random.default_rng(0)
-    q = rng.normal(size=(3, 4, 5))           # W=3, 4 query heads, d=5
+    q = rng.normal(size=(3, 4, 5)) * 3       # W=3, 4 query heads, d=5 (logits large enough for a cap of 1.5 to bite)
     k = rng.normal(size=(9, 2, 5))           # 9 cells, 2 KV heads (GQA group of 2)
     positions = np.array([0, 1, 2, 3, -1, 5, 6, 7, 8])
     classes = policies.classify_cells(positions, window=3)
-    got = policies.layer_scores(q, k, classes.evictable, fusion, group_reduce)
-    want = _loop_scores(q, k, classes.evictable, fusion, group_reduce)
+    got = policies.layer_scores(q, k, classes.evictable, fusion, group_reduce, softcap=softcap)
+    want = _loop_scores(q, k, classes.evictable, fusion, group_reduce, softcap)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    if softcap:
+        assert not np.allclose(got, policies.layer_scores(q, k, classes.evictable, fusion, group_reduce))
 
 
 def test_classify_protects_window_and_sinks_not_composites():

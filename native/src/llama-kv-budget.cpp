@@ -177,8 +177,6 @@ void llama_kv_budget_check_model(const llama_model & model) {
     } else if (model.arch == LLM_ARCH_T5) {
         why = "a relative position bias added to the attention scores, which flash attention (needed by a budget) "
               "does not take";
-    } else if (hparams.attn_soft_cap) {
-        why = "attention logit soft-capping";
     } else if (model.arch == LLM_ARCH_GROK) {
         why = "an attention that llama.cpp runs without flash attention (which a budget needs)";
     } else if (model.arch == LLM_ARCH_GEMMA4_ASSISTANT) {
@@ -242,6 +240,7 @@ void llama_kv_cache::budget_init(const llama_kv_budget_params & params) {
     auto & B = *budget;
     B.params   = params;
     B.n_stream = n_stream;
+    B.softcap  = hparams.attn_soft_cap ? hparams.f_attn_logit_softcapping : 0.0f; // what build_attn_mha passes to FA
 
     // one query window per layer, on the layer's buffer type, so scoring never leaves the device
     std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_map;
@@ -380,7 +379,7 @@ void llama_kv_cache::budget_init_scores() {
                 ggml_row_size(layer.k->type, hparams.n_embd_k_gqa(il)), ggml_row_size(layer.k->type, d_k), 0);
         ggml_tensor * mask  = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv, n_rows);
         ggml_tensor * row_w = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, n_rows);
-        ggml_tensor * op = ggml_kv_scores(ctx, q, k, mask, row_w, 1.0f,
+        ggml_tensor * op = ggml_kv_scores(ctx, q, k, mask, row_w, 1.0f, B.softcap,
                 kv_budget_scores_reduce(p.fusion), kv_budget_scores_reduce(p.group_reduce));
 
         if (ggml_backend_dev_supports_op(dev, op)) {
@@ -713,7 +712,7 @@ ggml_tensor * kv_budget_concat_rows(ggml_context * ctx, std::vector<ggml_tensor 
 // the scoring graph the fused ggml_kv_scores op replaces: q [d, n_head, n_rows], k [d, n_kv, n_head_kv],
 // mask [n_kv, n_rows], row_w [1, n_rows] or null -> scores [n_kv, n_head_kv] (query head h reads KV head h/n_grp)
 ggml_tensor * kv_budget_scores_composed(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * mask,
-        ggml_tensor * row_w, float scale, llama_kv_fusion fusion, llama_kv_fusion group) {
+        ggml_tensor * row_w, float scale, float softcap, llama_kv_fusion fusion, llama_kv_fusion group) {
     const int64_t n_kv   = k->ne[1];
     const int64_t n_hkv  = k->ne[2];
     const int64_t n_rows = q->ne[2];
@@ -721,6 +720,10 @@ ggml_tensor * kv_budget_scores_composed(ggml_context * ctx, ggml_tensor * q, ggm
 
     ggml_tensor * kq = ggml_mul_mat(ctx, k, ggml_permute(ctx, q, 0, 2, 1, 3)); // [n_kv, n_rows, n_head]
     ggml_prec_set_acc(kq, GGML_PREC_F32);
+    if (softcap > 0.0f) {
+        kq = ggml_tanh(ctx, ggml_scale(ctx, kq, scale/softcap)); // as build_attn_mha caps the logits
+        scale = softcap;
+    }
     kq = ggml_soft_max_ext(ctx, kq, mask, scale, 0.0f);
     if (row_w) {
         kq = ggml_mul(ctx, kq, row_w);
@@ -1010,9 +1013,9 @@ ggml_tensor * llama_kv_budget_evict::layer_scores(ggml_context * ctx, llm_graph_
     ggml_tensor * row_w = inp->row_w;
 
     ggml_tensor * scores = B.scores_fused[ikv]
-        ? ggml_kv_scores(ctx, q, k, inp->mask, row_w, kq_scale,
+        ? ggml_kv_scores(ctx, q, k, inp->mask, row_w, kq_scale, B.softcap,
                 kv_budget_scores_reduce(fusion), kv_budget_scores_reduce(group))
-        : kv_budget_scores_composed(ctx, q, k, inp->mask, row_w, kq_scale, fusion, group);
+        : kv_budget_scores_composed(ctx, q, k, inp->mask, row_w, kq_scale, B.softcap, fusion, group);
 
     if (h2o) {
         // the scores accumulated before (valid cells only) + the attention since

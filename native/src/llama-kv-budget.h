@@ -113,6 +113,9 @@ struct llama_kv_budget_state {
     // models, f_attention_scale for Granite, 1 where Q is scaled before, ...)
     std::vector<float> kq_scale;
 
+    // attention logit soft-capping of the model's attention (Gemma 2: 50; 0: none), applied to the scaled q.k
+    float softcap = 0.0f;
+
     // per layer: score with the fused ggml_kv_scores op (the K buffer's device supports it) instead of the
     // composed graph (mul_mat + soft_max_ext + reductions)
     std::vector<uint8_t> scores_fused;

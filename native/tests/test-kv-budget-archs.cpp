@@ -5,6 +5,7 @@
 //   refused: not created, with an error that names the architecture and what is supported.
 // Anything else (a crash, a refusal without a message, different logits, growing memory) fails the test.
 // Prints one row per architecture: arch, config, verdict, detail (tab separated, or a markdown table with --md).
+// -b DEVICE runs the models (and their caches) on that device, e.g. CUDA0.
 
 #define main test_llama_archs_main
 #include "test-llama-archs.cpp"
@@ -151,15 +152,16 @@ arch_result check_budgeted(llama_model * model, llama_context * ctx, const std::
     return r;
 }
 
-arch_result check_arch(llm_arch arch, bool moe, size_t seed, log_capture & lc) {
+arch_result check_arch(llm_arch arch, bool moe, size_t seed, ggml_backend_dev_t dev, log_capture & lc) {
     gguf_context_ptr gguf_ctx = get_gguf_ctx(arch, moe);
     if (arch == LLM_ARCH_BAILINGMOE3) {
         gguf_remove_key(gguf_ctx.get(), "bailingmoe3.kda.safe_gate"); // as test-llama-archs does
     }
     llama_model_params mp = llama_model_default_params();
     mp.progress_callback = silent_model_load_progress;
-    std::vector<ggml_backend_dev_t> devs = { ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU), nullptr };
-    mp.devices = devs.data();
+    std::vector<ggml_backend_dev_t> devs = { dev, nullptr };
+    mp.devices      = devs.data();
+    mp.n_gpu_layers = -1; // every layer (and its cache) on dev
     tensor_data_params tp = { seed, 0.1f };
     llama_model_ptr model(llama_model_init_from_user(gguf_ctx.get(), set_tensor_data, &tp, mp));
 
@@ -195,6 +197,7 @@ int main(int argc, char ** argv) {
     common_init();
     std::string filter;
     std::string out_dir;
+    std::string device;
     bool md = false;
     log_capture lc;
     for (int i = 1; i < argc; ++i) {
@@ -203,16 +206,30 @@ int main(int argc, char ** argv) {
             filter = argv[++i];
         } else if ((a == "-o" || a == "--out") && i + 1 < argc) {
             out_dir = argv[++i];
+        } else if ((a == "-b" || a == "--backend") && i + 1 < argc) {
+            device = argv[++i];
         } else if (a == "--md") {
             md = true;
         } else if (a == "-v") {
             lc.verbosity = 1;
         } else {
-            fprintf(stderr, "usage: %s [-a ARCH|REGEX] [-o DIR: also save each fixture model there] [--md] [-v]\n", argv[0]);
+            fprintf(stderr, "usage: %s [-a ARCH|REGEX] [-b DEVICE (default: the CPU), e.g. CUDA0] "
+                    "[-o DIR: also save each fixture model there] [--md] [-v]\n", argv[0]);
             return a == "-h" || a == "--help" ? 0 : 2;
         }
     }
     llama_backend_init();
+    ggml_backend_load_all();
+    ggml_backend_dev_t dev = device.empty() ? ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
+                                            : ggml_backend_dev_by_name(device.c_str());
+    if (!dev) {
+        fprintf(stderr, "no device named %s (devices:", device.c_str());
+        for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+            fprintf(stderr, " %s", ggml_backend_dev_name(ggml_backend_dev_get(i)));
+        }
+        fprintf(stderr, ")\n");
+        return 2;
+    }
     llama_log_set(log_cb, &lc);
 
     const size_t seed = 1234;
@@ -227,7 +244,7 @@ int main(int argc, char ** argv) {
             results.push_back({ llm_arch_name(arch), moe ? "MoE" : "dense", "untested", "no fixture in test-llama-archs" });
             continue;
         }
-        results.push_back(check_arch(arch, moe, seed, lc));
+        results.push_back(check_arch(arch, moe, seed, dev, lc));
         if (!out_dir.empty()) {
             gguf_context_ptr g = get_gguf_ctx(arch, moe);
             tensor_data_params tp = { seed, 0.1f };

@@ -36,13 +36,14 @@ struct kv_case {
     ggml_kv_scores_reduce red_row;
     ggml_kv_scores_reduce red_grp;
     float     scale_mul;
+    float     softcap = 0.0f; // attention logit soft-capping (0: none)
 
     std::string str() const {
         char buf[256];
-        snprintf(buf, sizeof(buf), "type_k=%s d=%lld heads=%lld/%lld rows=%lld n_kv=%lld row_w=%d red=%s/%s scale=%.0f/sqrt(d)",
+        snprintf(buf, sizeof(buf), "type_k=%s d=%lld heads=%lld/%lld rows=%lld n_kv=%lld row_w=%d red=%s/%s scale=%.0f/sqrt(d) softcap=%.0f",
                 ggml_type_name(type_k), (long long) d, (long long) n_head, (long long) n_head_kv, (long long) n_rows,
                 (long long) n_kv, row_w ? 1 : 0, red_row == GGML_KV_SCORES_REDUCE_SUM ? "sum" : "max",
-                red_grp == GGML_KV_SCORES_REDUCE_SUM ? "sum" : "max", scale_mul);
+                red_grp == GGML_KV_SCORES_REDUCE_SUM ? "sum" : "max", scale_mul, softcap);
         return buf;
     }
 };
@@ -122,7 +123,7 @@ ggml_tensor * reduce_rows(ggml_context * ctx, ggml_tensor * t, ggml_kv_scores_re
 
 // the composed scoring graph of budget_evict
 ggml_tensor * build_composed(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * mask, ggml_tensor * w,
-        float scale, ggml_kv_scores_reduce red_row, ggml_kv_scores_reduce red_grp) {
+        float scale, float softcap, ggml_kv_scores_reduce red_row, ggml_kv_scores_reduce red_grp) {
     const int64_t n_kv   = k->ne[1];
     const int64_t n_hkv  = k->ne[2];
     const int64_t n_rows = q->ne[2];
@@ -131,6 +132,10 @@ ggml_tensor * build_composed(ggml_context * ctx, ggml_tensor * q, ggml_tensor * 
     ggml_tensor * qp = ggml_permute(ctx, q, 0, 2, 1, 3);              // [d, n_rows, n_head]
     ggml_tensor * kq = ggml_mul_mat(ctx, k, qp);                       // [n_kv, n_rows, n_head]
     ggml_prec_set_acc(kq, GGML_PREC_F32);
+    if (softcap > 0.0f) {
+        kq = ggml_tanh(ctx, ggml_scale(ctx, kq, scale/softcap)); // build_attn_mha's soft-capping
+        scale = softcap;
+    }
     kq = ggml_soft_max_ext(ctx, kq, mask, scale, 0.0f);
     if (w) {
         kq = ggml_mul(ctx, kq, w);
@@ -187,8 +192,8 @@ run_result run(ggml_backend_t backend, const kv_case & c, const kv_data & data, 
 
     const float scale = c.scale_mul/sqrtf((float) c.d);
     ggml_tensor * out = kind == GRAPH_FUSED
-        ? ggml_kv_scores(ctx, q, k, mask, w, scale, c.red_row, c.red_grp)
-        : build_composed(ctx, q, k, mask, w, scale, c.red_row, c.red_grp);
+        ? ggml_kv_scores(ctx, q, k, mask, w, scale, c.softcap, c.red_row, c.red_grp)
+        : build_composed(ctx, q, k, mask, w, scale, c.softcap, c.red_row, c.red_grp);
 
     if (kind == GRAPH_FUSED && !ggml_backend_supports_op(backend, out)) {
         res.supported = false;
@@ -299,7 +304,14 @@ std::vector<kv_case> make_cases() {
     }
     cases.push_back({ GGML_TYPE_BF16, 128, 32, 8, 32, 777, false, SUM, SUM, 1.0f });
     cases.push_back({ GGML_TYPE_F16,  128, 32, 8,  1,  65, false, MAX, MAX, 1.0f });
-    cases.push_back({ GGML_TYPE_F16,   96, 12, 4, 32, 500, true,  SUM, SUM, 1.0f }); // not on CUDA
+    cases.push_back({ GGML_TYPE_F16,   96, 12, 4, 32, 500, true,  SUM, SUM, 1.0f });
+    cases.push_back({ GGML_TYPE_F16,   80, 12, 4, 32, 500, true,  SUM, SUM, 1.0f }); // not on CUDA
+    // Gemma: head size 256, one KV head; Gemma 2's soft-capping (50) at scales that reach it, and a tight one
+    cases.push_back({ GGML_TYPE_F16,  256,  4, 1, 32, 1000, false, SUM, SUM, 1.0f });
+    cases.push_back({ GGML_TYPE_Q8_0, 256,  8, 4, 64, 2049, true,  MAX, SUM, 8.0f });
+    cases.push_back({ GGML_TYPE_F16,  256,  8, 4, 32, 1000, false, SUM, SUM, 64.0f, 50.0f });
+    cases.push_back({ GGML_TYPE_F16,  128, 32, 8, 32, 777,  true,  MAX, MAX, 64.0f, 5.0f });
+    cases.push_back({ GGML_TYPE_Q8_0, 128,  9, 3, 64, 300,  false, SUM, MAX, 8.0f, 50.0f });
     // more than 32 query heads per KV head: the CUDA kernel recomputes the logits in its second pass
     cases.push_back({ GGML_TYPE_F16,  128, 64, 1, 16, 300, true,  SUM, SUM, 1.0f });
     cases.push_back({ GGML_TYPE_Q8_0,  64, 48, 1,  8, 129, false, MAX, SUM, 1.0f });

@@ -78,7 +78,8 @@ void ggml_compute_forward_kv_scores(
     GGML_ASSERT(q->type   == GGML_TYPE_F32 && q->nb[0] == sizeof(float));
     GGML_ASSERT(k->nb[0]  == ggml_type_size(k->type));
 
-    const float   scale   = ggml_get_op_params_f32(dst, 0);
+    const float   softcap = ggml_get_op_params_f32(dst, 3);
+    const float   scale   = softcap > 0.0f ? ggml_get_op_params_f32(dst, 0)/softcap : ggml_get_op_params_f32(dst, 0);
     const int32_t red_row = ggml_get_op_params_i32(dst, 1);
     const int32_t red_grp = ggml_get_op_params_i32(dst, 2);
 
@@ -186,7 +187,8 @@ void ggml_compute_forward_kv_scores(
                     for (int64_t t = 0; t < ntj; ++t) {
                         const float m = mr ? mr[t] : 0.0f;
                         // a masked cell stays -inf whatever its K row holds (an empty cell's row may be stale)
-                        logits[iv*n_kv + j0 + t] = m == -INFINITY ? -INFINITY : kq[iv*nt + t]*scale + m;
+                        const float x = kq[iv*nt + t]*scale;
+                        logits[iv*n_kv + j0 + t] = m == -INFINITY ? -INFINITY : (softcap > 0.0f ? softcap*tanhf(x) : x) + m;
                     }
                 }
             }

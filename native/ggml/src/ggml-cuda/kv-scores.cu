@@ -6,7 +6,7 @@
 // GGML_OP_KV_SCORES: eviction scores of the KV cache cells (see ggml_kv_scores in ggml.h)
 //
 // The query vectors of KV head hkv are its n_grp query heads times the n_rows query rows,
-// iq = g*n_rows + r (query head h = hkv*n_grp + g). The logits s[iq, j] = scale*q[iq].k[j] + mask[r, j]
+// iq = g*n_rows + r (query head h = hkv*n_grp + g). The logits s[iq, j] = cap(scale*q[iq].k[j]) + mask[r, j]
 // are computed in tiles of KV_SCORES_NQ query vectors x KV_SCORES_NC cells: 256 threads, each a 4x4
 // micro-tile, the head dimension staged through shared memory in slices of KV_SCORES_DS (as an SGEMM
 // would). K is converted to F32 when it is staged. Two ways, the same results bit for bit:
@@ -59,7 +59,8 @@ struct kv_scores_params {
     int   n_grp;
     int   n_q;     // n_grp*n_rows
     int   n_tiles; // cell tiles
-    float scale;
+    float scale;   // scale/softcap with soft-capping
+    float softcap; // 0: none
     int   red_row;
     int   red_grp;
 };
@@ -202,6 +203,9 @@ static __device__ __forceinline__ float kv_scores_logit(const kv_scores_params &
         return -INFINITY;
     }
     float x = s*p.scale;
+    if (p.softcap > 0.0f) {
+        x = p.softcap*tanhf(x); // p.scale holds scale/softcap
+    }
     if (p.mask) {
         const int r = iq % p.n_rows;
         x += ((const float *) ((const char *) p.mask + (int64_t) r*p.nbm1))[j];
@@ -485,7 +489,8 @@ void ggml_cuda_op_kv_scores(ggml_backend_cuda_context & ctx, ggml_tensor * dst) 
     p.n_grp   = (int) (n_head/n_hkv);
     p.n_q     = (int) (p.n_grp*n_rows);
     p.n_tiles = (int) ((n_kv + KV_SCORES_NC - 1)/KV_SCORES_NC);
-    p.scale   = ggml_get_op_params_f32(dst, 0);
+    p.softcap = ggml_get_op_params_f32(dst, 3);
+    p.scale   = p.softcap > 0.0f ? ggml_get_op_params_f32(dst, 0)/p.softcap : ggml_get_op_params_f32(dst, 0);
     p.red_row = ggml_get_op_params_i32(dst, 1);
     p.red_grp = ggml_get_op_params_i32(dst, 2);
 
@@ -508,7 +513,9 @@ void ggml_cuda_op_kv_scores(ggml_backend_cuda_context & ctx, ggml_tensor * dst) 
 
     switch (d) {
         case  64: kv_scores_launch_type< 64>(k->type, p, (int) n_hkv, part.get(), stats.get(), logits.ptr, stream); break;
+        case  96: kv_scores_launch_type< 96>(k->type, p, (int) n_hkv, part.get(), stats.get(), logits.ptr, stream); break;
         case 128: kv_scores_launch_type<128>(k->type, p, (int) n_hkv, part.get(), stats.get(), logits.ptr, stream); break;
+        case 256: kv_scores_launch_type<256>(k->type, p, (int) n_hkv, part.get(), stats.get(), logits.ptr, stream); break;
         default: GGML_ABORT("kv_scores: unsupported head size %" PRId64, d);
     }
 }
@@ -519,7 +526,7 @@ bool ggml_cuda_kv_scores_supported(const ggml_tensor * op) {
     const ggml_tensor * mask  = op->src[2];
     const ggml_tensor * row_w = op->src[3];
 
-    if (q->ne[0] != 64 && q->ne[0] != 128) {
+    if (q->ne[0] != 64 && q->ne[0] != 96 && q->ne[0] != 128 && q->ne[0] != 256) {
         return false; // the composed graph covers the other head sizes
     }
     switch (k->type) {
