@@ -13,7 +13,7 @@ import pytest
 from conftest import require_tools
 from test_kv_budget import (PROMPT, _check_against_reference, _check_evictions, _generate, _heads, _llm,
                             _morphkv_reference, _selections_differ)
-from morphkv_gguf.gguf_info import plan_kv_memory, read_model_shape
+from morphkv_gguf.gguf_info import budget_cells, plan_kv_memory, read_model_shape
 from morphkv_gguf.models import ModelError, resolve_model
 
 
@@ -111,3 +111,24 @@ def test_native_selection_matches_the_reference_at_gemmas_scale(gemma_path):
     _check_evictions(llm, budget, interval, 2, check)
     assert any(differs), "the scale changed no selection: the test would not see a wrong scale"
 
+
+
+def test_llama_server_answers_past_the_budget_in_every_slot(gemma_path, tmp_path):
+    """llama-server with a budget per slot on Gemma 3: two concurrent answers of 4x the budget, each slot's
+    full-attention cache at its cells, evictions reported in /slots."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llama_server import LlamaServer
+
+    server = require_tools("llama-server", trees=("patched",))[("llama-server", "patched")]
+    args = ["--kv-budget", "128", "-np", "2", "-c", "4096", "-t", "2", "--no-warmup"]
+    with LlamaServer(server, gemma_path, tmp_path / "server.log", args) as srv:
+        body = {"n_predict": 600, "temperature": 0, "ignore_eos": True}
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda p: srv.post("/completion", {**body, "prompt": p}),
+                                    ["The history of the lighthouse begins", "A recipe for bread:"]))
+        assert all(a["tokens_predicted"] == 600 for a in answers)
+        slots = srv.get("/slots")
+        assert [s["kv_budget"]["n_cells"] for s in slots] == [budget_cells(128)] * 2
+        assert all(s["kv_budget"]["n_evictions"] >= 3 for s in slots)
+        assert answers[0]["content"] != answers[1]["content"]

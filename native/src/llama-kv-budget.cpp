@@ -1586,7 +1586,14 @@ bool llama_kv_budget_supported(const llama_model * model, char * why, size_t why
 }
 
 // the totals of the streams in [s0, s1)
-static void kv_budget_fill_info(const llama_kv_cache & kv, uint32_t s0, uint32_t s1, llama_kv_budget_info * info) {
+// the sliding-window cache of an iSWA model (its KV bytes count with the budgeted cache's), nullptr otherwise
+static const llama_kv_cache * kv_budget_swa_cache(const llama_context * ctx) {
+    const auto * iswa = ctx ? dynamic_cast<const llama_kv_cache_iswa *>(llama_get_memory(ctx)) : nullptr;
+    return iswa ? iswa->get_swa() : nullptr;
+}
+
+static void kv_budget_fill_info(const llama_kv_cache & kv, const llama_kv_cache * swa, uint32_t s0, uint32_t s1,
+        llama_kv_budget_info * info) {
     const auto * B = kv.budget_state();
 
     uint32_t n_head_kv = 0;
@@ -1614,7 +1621,7 @@ static void kv_budget_fill_info(const llama_kv_cache & kv, uint32_t s0, uint32_t
     }
     // the buffers are shared by the streams: a sequence's share
     const uint32_t n_stream = kv.get_n_stream();
-    info->kv_bytes  = kv.budget_kv_bytes()/n_stream*(s1 - s0);
+    info->kv_bytes  = (kv.budget_kv_bytes() + (swa ? swa->budget_kv_bytes() : 0))/n_stream*(s1 - s0);
     info->aux_bytes = B ? B->aux_bytes()/n_stream*(s1 - s0) : 0;
 }
 
@@ -1623,7 +1630,7 @@ bool llama_kv_budget_get_info(const llama_context * ctx, llama_kv_budget_info * 
     if (!kv || !info) {
         return false;
     }
-    kv_budget_fill_info(*kv, 0, kv->get_n_stream(), info);
+    kv_budget_fill_info(*kv, kv_budget_swa_cache(ctx), 0, kv->get_n_stream(), info);
     return true;
 }
 
@@ -1632,7 +1639,7 @@ bool llama_kv_budget_get_seq_info(const llama_context * ctx, llama_seq_id seq_id
     if (!kv || !info || seq_id < 0 || (uint32_t) seq_id >= kv->get_n_stream()) {
         return false;
     }
-    kv_budget_fill_info(*kv, seq_id, seq_id + 1, info);
+    kv_budget_fill_info(*kv, kv_budget_swa_cache(ctx), seq_id, seq_id + 1, info);
     return true;
 }
 
