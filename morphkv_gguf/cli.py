@@ -486,6 +486,9 @@ def gguf_synth(shape: str, out: Path, dtype: str, seed: int, force: bool) -> Non
 @click.option("--prompts", "n_prompts", type=click.IntRange(min=1), default=None,
               help="use the first N prompts of the split [default: all; --quick 4]")
 @click.option("--split", type=click.Choice(["dev", "test", "all"]), default="test", show_default=True)
+@click.option("--prompts-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="a JSON file of your own prompts (id, task, optional split, type and facts; the schema is in "
+                   "docs/evaluation.md) [default: the packaged prompts]")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="output directory [default: results/eval-<model stem>]")
 @click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all]")
@@ -503,7 +506,7 @@ def gguf_synth(shape: str, out: Path, dtype: str, seed: int, force: bool) -> Non
                    "[default: the file's folder]; runs nothing")
 @_fail_on(ValueError, OSError, RuntimeError)
 def eval_cmd(model: Path | None, quick: bool, budgets: str | None, policies: str | None, answer_tokens: int | None,
-             n_prompts: int | None, split: str, out_dir: Path | None, threads: int | None, seed: int, window: int,
+             n_prompts: int | None, split: str, prompts_file: Path | None, out_dir: Path | None, threads: int | None, seed: int, window: int,
              interval: int, cache_dir: Path | None, jobs: int, gpu_layers: int, render_json: Path | None) -> None:
     """Fidelity (KL, top-1, NLL vs the full cache), recall and KV memory of the policies on long answers."""
     from . import evaluation as ev
@@ -517,7 +520,7 @@ def eval_cmd(model: Path | None, quick: bool, budgets: str | None, policies: str
 
     cfg = ev.EvalConfig(
         model=model, quick=quick, split=split, seed=seed, threads=threads, window=window, interval=interval,
-        jobs=jobs, gpu_layers=gpu_layers,
+        jobs=jobs, gpu_layers=gpu_layers, prompts_file=prompts_file or ev.DATA_FILE,
         budgets=ev.parse_budgets(budgets if budgets is not None else (ev.QUICK["budgets"] if quick else ev.DEFAULT_BUDGETS)),
         policies=ev.parse_policies(policies if policies is not None else (ev.QUICK["policies"] if quick else ev.ALL_POLICIES)),
         answer_tokens=answer_tokens or (ev.QUICK["answer_tokens"] if quick else ev.DEFAULT_ANSWER_TOKENS),

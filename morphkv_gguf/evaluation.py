@@ -192,11 +192,18 @@ def budget_problem(policy: Policy, budget: int, window: int) -> str | None:
 # prompts
 
 def load_prompts(split: str = "test", n: int | None = None, path: Path = DATA_FILE) -> list[dict]:
+    """The prompts of a split of a prompts file (schema: :mod:`morphkv_gguf.eval_prompts`), the first n of them."""
+    from .eval_prompts import read_prompts_file
+
     if split not in SPLITS:
         raise EvalError(f"unknown split {split!r} (accepted: {', '.join(SPLITS)})")
-    prompts = json.loads(Path(path).read_text())["prompts"]
+    prompts = read_prompts_file(path)
     if split != "all":
+        splits = sorted({p["split"] for p in prompts})
         prompts = [p for p in prompts if p["split"] == split]
+        if not prompts:
+            raise EvalError(f"{path} has no prompts in the {split} split (it has: {', '.join(splits)}); "
+                            f"choose one with --split, or --split all")
     if n is not None:
         if n < 1:
             raise EvalError(f"--prompts must be >= 1, got {n}")
@@ -205,6 +212,8 @@ def load_prompts(split: str = "test", n: int | None = None, path: Path = DATA_FI
 
 
 def user_message(prompt: dict) -> str:
+    if not prompt["facts"]:
+        return prompt["task"]
     facts = "\n".join(f"- {f['statement']}" for f in prompt["facts"])
     return f"{FACTS_INTRO}\n{facts}\n\n{prompt['task']}"
 
@@ -852,7 +861,7 @@ def _eval_prompt(*, model_path: Path, key: str, prompt: dict, head: str, runs_pl
         }
         runs.append(run)
         log(f"{head} {policy.name:<13} C={str(res.budget or '-'):>4}: KL {run['kl']:.4f}  top-1 {run['top1']:.3f}  "
-            f"NLL x{run['nll_ratio']:.3f}  recall {run['recall_exact']:.2f}  "
+            f"NLL x{run['nll_ratio']:.3f}  recall {'-' if run['recall_exact'] is None else format(run['recall_exact'], '.2f')}  "
             f"KV {run['memory_end_bytes'] / 2**20:.2f} MiB  ({res.seconds:.1f} s, "
             f"elapsed {_fmt_s(time.perf_counter() - t_start)})")
     del lp_full
@@ -928,7 +937,8 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] | None = None) -> dict:
     doc = {
         "model": str(model_path), "model_key": key,
         "config": {"policies": [p.name for p in policies], "budgets": budgets, "answer_tokens": cfg.answer_tokens,
-                   "split": cfg.split, "n_prompts": len(prompts), "window": cfg.window, "interval": cfg.interval,
+                   "split": cfg.split, "n_prompts": len(prompts), "prompts_file": str(cfg.prompts_file),
+                   "window": cfg.window, "interval": cfg.interval,
                    "n_ubatch": cfg.n_ubatch, "threads": threads, "jobs": cfg.jobs,
                    "gpu_layers": cfg.gpu_layers, "backend": _backend_name(cfg.gpu_layers), "seed": cfg.seed, "quick": cfg.quick,
                    "sampling": SAMPLING, "n_bins": N_BINS,
@@ -941,6 +951,11 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] | None = None) -> dict:
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     return doc
+
+
+def _mean_or_none(values: list) -> float | None:
+    """The mean, or None for no values (prompts without facts have no recall)."""
+    return float(np.mean(values)) if values else None
 
 
 def _memory_at(trace: list[tuple[int, int, int]], n: int) -> int:
@@ -972,8 +987,8 @@ def aggregate(prompts: list[dict]) -> list[dict]:
             "kl": float(np.mean([r["kl"] for r in runs])),
             "top1": float(np.mean([r["top1"] for r in runs])),
             "nll_ratio": float(np.mean([r["nll"] for r in runs]) / np.mean([r["nll_full"] for r in runs])),
-            "recall_exact": float(np.mean([x["exact"] for r in runs for x in r["recall"]])) if runs[0]["recall"] else None,
-            "recall_prob": float(np.mean([x["prob"] for r in runs for x in r["recall"]])) if runs[0]["recall"] else None,
+            "recall_exact": _mean_or_none([x["exact"] for r in runs for x in r["recall"]]),
+            "recall_prob": _mean_or_none([x["prob"] for r in runs for x in r["recall"]]),
             "memory_end_bytes": float(np.mean([r["memory_end_bytes"] for r in runs])),
             "memory_max_bytes": float(np.max([r["memory_max_bytes"] for r in runs])),
             "n_evictions": float(np.mean([r["n_evictions"] for r in runs])),
