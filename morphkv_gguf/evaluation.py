@@ -52,6 +52,9 @@ SAMPLING = {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "repeat_penalty": 1.1
             "dry_multiplier": 0.8, "dry_base": 1.75, "dry_allowed_length": 4}
 
 FACTS_INTRO = "Remember these facts; I will ask you about them after your answer."
+# base models (no chat template): the facts in prose, the task, the answer as a continuation; each recall
+# question as "Question: ... / Answer:" continued by the forced reply
+PLAIN_FACTS = "Facts to remember: "
 
 
 class EvalError(ValueError):
@@ -352,7 +355,8 @@ class Sequence:
 
 
 class ChatFormat:
-    """The model's chat template (GGUF metadata), split into the text around each assistant turn."""
+    """The model's chat template (GGUF metadata), split into the text around each assistant turn; for a base model
+    without one, plain text (the facts in prose, the task, then the answer and the questions as continuations)."""
 
     PLACEHOLDER = "\x00MORPHKV_TURN_{}\x00"
 
@@ -370,9 +374,6 @@ class ChatFormat:
             self.formatter = None
 
     def _render(self, messages: list[dict], generation_prompt: bool) -> tuple[str, bool]:
-        if self.formatter is None:  # no template: a plain transcript
-            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
-            return text + ("Assistant: " if generation_prompt else ""), False
         self.formatter.add_generation_prompt = generation_prompt
         r = self.formatter(messages=messages)
         return r.prompt, bool(getattr(r, "added_special", False))
@@ -395,21 +396,34 @@ class ChatFormat:
     def tokens(self, text: str, first: bool, added_special: bool) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=first and not added_special, special=True)
 
-    def prompt_tokens(self, user: str) -> list[int]:
-        segs, added = self.segments([user])
+    @staticmethod
+    def plain_prompt(prompt: dict) -> str:
+        facts = " ".join(f["statement"] for f in prompt["facts"])
+        return (f"{PLAIN_FACTS}{facts}\n\n" if facts else "") + f"{prompt['task']}\n\n"
+
+    def prompt_tokens(self, prompt: dict) -> list[int]:
+        if self.formatter is None:
+            return self.tokens(self.plain_prompt(prompt), True, False)
+        segs, added = self.segments([user_message(prompt)])
         return self.tokens(segs[0], True, added)
 
     def build(self, prompt: dict, answer: list[int]) -> Sequence:
-        """prompt tokens, answer, then per fact: end of turn + question + assistant start + forced reply."""
+        """prompt tokens, answer, then per fact: end of turn + question + assistant start + forced reply (plain
+        text: "Question: ...", "Answer:" + forced reply)."""
         facts = prompt["facts"]
-        segs, added = self.segments([user_message(prompt)] + [f["question"] for f in facts])
+        if self.formatter is None:
+            segs = [self.plain_prompt(prompt)] + [f"\n\nQuestion: {f['question']}\nAnswer:" for f in facts]
+            added, lead = False, " "
+        else:
+            segs, added = self.segments([user_message(prompt)] + [f["question"] for f in facts])
+            lead = ""
         prompt_toks = self.tokens(segs[0], True, added)
         tail: list[int] = []
         recall = []
         for f, seg in zip(facts, segs[1:]):
             tail += self.tokens(seg, False, added)
-            pre = self.llm.tokenize(f["answer_prefix"].encode(), add_bos=False, special=False)
-            both = self.llm.tokenize(f"{f['answer_prefix']} {f['answer']}".encode(), add_bos=False, special=False)
+            pre = self.llm.tokenize(f"{lead}{f['answer_prefix']}".encode(), add_bos=False, special=False)
+            both = self.llm.tokenize(f"{lead}{f['answer_prefix']} {f['answer']}".encode(), add_bos=False, special=False)
             if both[:len(pre)] != pre or len(both) == len(pre):
                 raise EvalError(f"cannot split the forced reply {f['answer_prefix']!r} + {f['answer']!r} into tokens")
             tail += pre
@@ -600,7 +614,7 @@ def reference_answer(model_path: Path, key: str, prompt: dict, n_tokens: int, *,
     tokens (sampling is sequential, so a shorter answer is a prefix of a longer one)."""
     tok_llm = vocab_llama(model_path)
     chat = ChatFormat(tok_llm)
-    prompt_tokens = chat.prompt_tokens(user_message(prompt))
+    prompt_tokens = chat.prompt_tokens(prompt)
     stem = _reference_stem(prompt, prompt_tokens, seed)
     d = Path(cache_dir) / key
     best = None

@@ -132,3 +132,27 @@ def test_llama_server_answers_past_the_budget_in_every_slot(gemma_path, tmp_path
         assert [s["kv_budget"]["n_cells"] for s in slots] == [budget_cells(128)] * 2
         assert all(s["kv_budget"]["n_evictions"] >= 3 for s in slots)
         assert answers[0]["content"] != answers[1]["content"]
+
+
+def test_eval_reads_a_base_model_in_plain_text(gemma_path):
+    """Gemma 3 270M has no chat template: morphkv eval states the facts in prose before the task, lets the answer
+    continue the text, and asks each question as "Question: ... / Answer:" continued by the forced reply."""
+    from morphkv_gguf import evaluation as ev
+
+    prompt = ev.load_prompts("dev", 1)[0]
+    tok = ev.vocab_llama(gemma_path)
+    try:
+        chat = ev.ChatFormat(tok)
+        assert chat.formatter is None
+        answer = tok.tokenize(b"Once upon a time", add_bos=False)
+        seq = chat.build(prompt, answer)
+        text = tok.detokenize(seq.prompt).decode()
+        assert seq.prompt == chat.prompt_tokens(prompt)
+        assert text.startswith(ev.PLAIN_FACTS) and text.endswith(prompt["task"] + "\n\n")
+        assert all(f["statement"] in text for f in prompt["facts"])
+        tail = tok.detokenize(seq.tail).decode()
+        for f, r in zip(prompt["facts"], seq.recall):
+            assert f"Question: {f['question']}\nAnswer: {f['answer_prefix']}" in tail
+            assert tok.detokenize(r["tokens"]).decode().strip() == f["answer"]
+    finally:
+        tok.close()
