@@ -133,8 +133,9 @@ def _memory_line(mem: dict) -> str:
               help="sampling temperature (0 = greedy)")
 @click.option("--seed", type=int, default=1234, show_default=True)
 @click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all]")
-@click.option("--chat/--raw", default=True, show_default=True,
-              help="apply the model's chat template (chat) or continue the prompt as text (raw)")
+@click.option("--chat/--raw", default=None,
+              help="apply the model's chat template (chat) or continue the prompt as text (raw) "
+                   "[default: chat if the model has a template, raw for a base model]")
 @click.option("--ignore-eos", is_flag=True, help="never stop at end-of-sequence: generate exactly -n tokens")
 @click.option("--repeat-penalty", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
               help="penalty for repeating recent tokens (1 = off)")
@@ -142,7 +143,7 @@ def _memory_line(mem: dict) -> str:
 @kv_budget_options
 @_fail_on(ValueError, OSError, RuntimeError)
 def generate(prompt: str, model: Path | None, max_tokens: int, n_ctx: int | None, temperature: float,
-             seed: int, threads: int | None, chat: bool, ignore_eos: bool, repeat_penalty: float, as_json: bool,
+             seed: int, threads: int | None, chat: bool | None, ignore_eos: bool, repeat_penalty: float, as_json: bool,
              kv: dict) -> None:
     """Generate one answer to PROMPT and report its speed and KV memory."""
     from .generation import generate_text

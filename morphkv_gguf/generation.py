@@ -83,11 +83,12 @@ def stream_chat(llm, messages: list[dict], *, max_tokens: int, temperature: floa
 
 def generate_text(prompt: str, *, model: str | os.PathLike | None = None, max_tokens: int = 128,
                   n_ctx: int | None = None, temperature: float = 0.0, seed: int = 1234,
-                  n_threads: int | None = None, chat: bool = True, ignore_eos: bool = False,
+                  n_threads: int | None = None, chat: bool | None = None, ignore_eos: bool = False,
                   repeat_penalty: float = 1.0, kv: dict | None = None, on_text: Callable[[str], None] | None = None) -> dict:
     """Generate one answer (streamed to ``on_text``) and return an OpenAI-style summary dict.
 
     ``kv``: the ``Llama`` kv_* keyword arguments (``kv_budget`` None or absent = the full cache).
+    ``chat``: apply the model's chat template; None: when it has one (a base model continues the prompt as text).
     """
     kv = {k: v for k, v in (kv or {}).items() if v is not None}  # kv_* and batch sizes for Llama
     load_start = time.perf_counter()
@@ -106,6 +107,8 @@ def generate_text(prompt: str, *, model: str | os.PathLike | None = None, max_to
         if on_text:
             on_text(text)
 
+    if chat is None:
+        chat = bool(llm.metadata.get("tokenizer.chat_template"))
     if chat:
         text, finish_reason, n_chunks = stream_chat(
             llm, [{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=temperature,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,3 +158,21 @@ def test_eval_reads_a_base_model_in_plain_text(gemma_path):
             assert tok.detokenize(r["tokens"]).decode().strip() == f["answer"]
     finally:
         tok.close()
+
+
+def test_morphkv_generate_continues_a_base_model_under_a_budget(gemma_path):
+    """`morphkv generate -m gemma3-270m --kv-budget 128`: a base model continues the prompt as text (it has no chat
+    template), past 4x the budget, with the KV memory of the budget and the sliding-window cache (swa_full, the
+    Python default, does not apply under a budget)."""
+    import json
+
+    proc = subprocess.run([sys.executable, "-m", "morphkv_gguf", "generate", "-m", "gemma3-270m", "--kv-budget", "128", "-n", "560",
+                           "--ignore-eos", "-t", "2", "--json", "The history of the lighthouse"],
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["usage"]["completion_tokens"] == 560 and out["finish_reason"] == "length"
+    mem = out["memory"]
+    assert mem["n_evictions"] >= 4 and mem["n_used"] <= 128 + 64
+    plan = plan_kv_memory(read_model_shape(gemma_path), 2048, kv_budget=128)
+    assert mem["kv_bytes"] == plan.budget_kv_bytes  # not the n_ctx-sized SWA cache of swa_full

@@ -136,6 +136,11 @@ void llama_kv_budget_configure(const llama_model & model, const llama_context_pa
     cparams.flash_attn = true; // composite cells need the non-transposed V of the flash-attention layout
     cparams.auto_fa    = false;
 
+    if (params.swa_full && model.hparams.swa_type != LLAMA_SWA_TYPE_NONE) {
+        LLAMA_LOG_INFO("%s: KV budget: the sliding-window layers keep a window-sized cache (swa_full does not apply: the "
+                "budget bounds the memory of every layer)\n", __func__);
+    }
+
     LLAMA_LOG_INFO("%s: KV budget: policy %s, %u cells kept (window %u, sinks %u), eviction every %u tokens%s, fusion %s, "
             "group %s, granularity %s -> %u cells allocated per sequence (%u sequences)\n", __func__, kv_policy_name(kb.policy),
             kb.budget, kb.window, kb.sinks, kb.interval, params.kv_evict_interval ? "" : " (auto)", kv_fusion_name(kb.fusion),
