@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import require_tools
-from test_kv_budget import (PROMPT, _check_against_reference, _check_evictions, _generate, _heads, _llm,
-                            _morphkv_reference, _selections_differ)
+from test_kv_budget import PROMPT, _generate, _llm, check_selection_at_scale
 from morphkv_gguf.gguf_info import budget_cells, plan_kv_memory, read_model_shape
 from morphkv_gguf.models import ModelError, resolve_model
 
@@ -101,18 +100,7 @@ def test_native_selection_matches_the_reference_at_gemmas_scale(gemma_path):
     full-attention layers keeps matches the reference at that scale, and differs from 1/sqrt(d)'s somewhere."""
     budget, window, interval = 64, 8, 16
     llm = _gemma(gemma_path, kv_budget=budget, kv_window=window, kv_evict_interval=interval)
-    n_head, n_head_kv = _heads(llm)
-    scores = _morphkv_reference(window, n_head, n_head_kv, scale=1.0)
-    plain = _morphkv_reference(window, n_head, n_head_kv)
-    differs = []
-
-    def check(snap):
-        _check_against_reference(llm, snap, budget, window, "head", n_head_kv, scores)
-        differs.append(_selections_differ(snap, window, budget, scores, plain))
-
-    _check_evictions(llm, budget, interval, 2, check)
-    assert any(differs), "the scale changed no selection: the test would not see a wrong scale"
-
+    check_selection_at_scale(llm, budget, window, interval, 1.0)
 
 
 def test_llama_server_answers_past_the_budget_in_every_slot(gemma_path, tmp_path):
