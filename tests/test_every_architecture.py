@@ -5,14 +5,13 @@ that `morphkv inspect` reads, and docs/architectures.md, must say what it finds.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import gguf
 import pytest
 
-from morphkv_gguf.build import tool_path
+from conftest import require_tools
 from morphkv_gguf.gguf_info import architectures_markdown, budget_support, read_architectures_table, read_model_shape
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
@@ -22,12 +21,7 @@ REGENERATE = ("build/tools-cpu/patched/bin/test-kv-budget-archs > morphkv_gguf/d
 
 @pytest.fixture(scope="module")
 def found(tmp_path_factory):
-    exe = tool_path("test-kv-budget-archs", "patched")
-    if not exe.exists():
-        msg = f"{exe} not built (scripts/setup.sh --tools)"
-        if os.environ.get("MORPHKV_REQUIRE_TOOLS") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
+    exe = require_tools("test-kv-budget-archs", trees=("patched",))[("test-kv-budget-archs", "patched")]
     out = tmp_path_factory.mktemp("arch-models")
     proc = subprocess.run([str(exe), "-o", str(out)], capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -3,21 +3,13 @@ the composed ggml graph it replaces, through our check native/tests/test-kv-scor
 
 from __future__ import annotations
 
-import os
 import subprocess
 
-import pytest
-
-from morphkv_gguf.build import tool_path
+from conftest import require_tools
 
 
 def test_fused_scores_equal_the_composed_graph_on_cpu():
-    exe = tool_path("test-kv-scores", "patched")
-    if not exe.exists():
-        msg = f"{exe} not built (scripts/setup.sh --tools)"
-        if os.environ.get("MORPHKV_REQUIRE_TOOLS") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
+    exe = require_tools("test-kv-scores", trees=("patched",))[("test-kv-scores", "patched")]
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     last = run.stdout.strip().splitlines()[-1]
