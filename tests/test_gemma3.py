@@ -104,22 +104,22 @@ def test_native_selection_matches_the_reference_at_gemmas_scale(gemma_path):
 
 
 def test_llama_server_answers_past_the_budget_in_every_slot(gemma_path, tmp_path):
-    """llama-server with a budget per slot on Gemma 3: two concurrent answers of 4x the budget, each slot's
-    full-attention cache at its cells, evictions reported in /slots."""
+    """llama-server with a budget per slot on Gemma 3: two concurrent answers of more than 4x the budget, each
+    slot's full-attention cache at its cells, evictions reported in /slots."""
     from concurrent.futures import ThreadPoolExecutor
 
     from llama_server import LlamaServer
 
     server = require_tools("llama-server", trees=("patched",))[("llama-server", "patched")]
-    args = ["--kv-budget", "128", "-np", "2", "-c", "4096", "-t", "2", "--no-warmup"]
+    args = ["--kv-budget", "64", "-np", "2", "-c", "2048", "-t", "2", "--no-warmup"]
     with LlamaServer(server, gemma_path, tmp_path / "server.log", args) as srv:
-        body = {"n_predict": 600, "temperature": 0, "ignore_eos": True}
+        body = {"n_predict": 300, "temperature": 0, "ignore_eos": True}
         with ThreadPoolExecutor(2) as pool:
             answers = list(pool.map(lambda p: srv.post("/completion", {**body, "prompt": p}),
                                     ["The history of the lighthouse begins", "A recipe for bread:"]))
-        assert all(a["tokens_predicted"] == 600 for a in answers)
+        assert all(a["tokens_predicted"] == 300 for a in answers)
         slots = srv.get("/slots")
-        assert [s["kv_budget"]["n_cells"] for s in slots] == [budget_cells(128)] * 2
+        assert [s["kv_budget"]["n_cells"] for s in slots] == [budget_cells(64)] * 2
         assert all(s["kv_budget"]["n_evictions"] >= 3 for s in slots)
         assert answers[0]["content"] != answers[1]["content"]
 
