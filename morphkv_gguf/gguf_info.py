@@ -7,6 +7,7 @@ whatever the length, plus a per-layer F32 ring buffer of the last W post-RoPE qu
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,15 +45,20 @@ class ArchitectureVerdict:
 def read_architectures_table(text: str | None = None) -> dict[str, ArchitectureVerdict]:
     """The every-architecture table (the packaged one unless ``text`` is given), by architecture name."""
     if text is None:
-        from importlib.resources import files
-
-        text = (files("morphkv_gguf") / "data" / ARCHITECTURES_TABLE).read_text()
+        return dict(_packaged_table())
     table = {}
     for line in text.splitlines():
         if line.strip():
             arch, config, verdict, detail = line.split("\t", 3)
             table[arch] = ArchitectureVerdict(arch, config, verdict, detail)
     return table
+
+
+@functools.lru_cache(maxsize=1)
+def _packaged_table() -> dict[str, ArchitectureVerdict]:
+    from importlib.resources import files
+
+    return read_architectures_table((files("morphkv_gguf") / "data" / ARCHITECTURES_TABLE).read_text())
 
 
 def architectures_markdown(table: dict[str, ArchitectureVerdict] | None = None) -> str:
@@ -104,6 +110,13 @@ class ModelShape:
     @property
     def kv_heads_per_layer(self) -> tuple[int, ...]:
         return self.n_head_kv_per_layer or (self.n_head_kv,) * self.n_layer
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer, whether llama.cpp gives it the sliding-window cache (all False for a plain cache)."""
+        if self.swa_layers and self.sliding_window:
+            return self.swa_layers
+        return (False,) * self.n_layer
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -268,13 +281,14 @@ def budget_support(shape: ModelShape) -> tuple[bool, str]:
         return no(_refusal_reason(row.detail))
     if row.verdict != "budget":
         return no(f"not covered by the every-architecture test ({row.detail})")
-    if shape.swa_layers and shape.sliding_window and all(shape.swa_layers):
+    n_swa = sum(shape.sliding_layers)
+    if n_swa == shape.n_layer:
         return False, (f"a KV budget is not needed for this {arch} model: every layer uses sliding-window attention, "
                        f"whose cache llama.cpp already bounds")
-    if shape.swa_layers and shape.sliding_window and any(shape.swa_layers):
+    if n_swa:
         return True, (f"architecture {arch} uses llama.cpp's iSWA cache: the budget covers its "
-                      f"{len(shape.swa_layers) - sum(shape.swa_layers)} full-attention layers, the sliding-window "
-                      f"layers keep their bounded cache")
+                      f"{shape.n_layer - n_swa} full-attention layers, the sliding-window layers keep their bounded "
+                      f"cache")
     return True, f"architecture {arch} runs under a budget in llama.cpp (every-architecture test: {row.detail})"
 
 
@@ -303,8 +317,7 @@ def kv_bytes_per_token(shape: ModelShape, cache_type: str = "f16") -> int:
 
 def query_window_bytes(shape: ModelShape, kv_window: int = DEFAULT_KV_WINDOW) -> int:
     """The budget's ring buffer: F32 [head_k*n_head, W] per budgeted layer (with a KV cache, not sliding-window)."""
-    swa = shape.swa_layers if shape.swa_layers and shape.sliding_window else (False,) * len(shape.kv_heads_per_layer)
-    layers = sum(1 for n_kv, is_swa in zip(shape.kv_heads_per_layer, swa) if n_kv > 0 and not is_swa)
+    layers = sum(1 for n_kv, is_swa in zip(shape.kv_heads_per_layer, shape.sliding_layers) if n_kv > 0 and not is_swa)
     return layers * shape.n_head * shape.head_k * kv_window * 4
 
 
@@ -362,9 +375,9 @@ def plan_kv_memory(shape: ModelShape, length: int, *, cache_type: str = "f16", k
     full_cells = _pad(length)
     plan = KVMemoryPlan(cache_type=cache_type, length=length, bytes_per_token=per_token,
                         full_cells=full_cells, full_bytes=full_cells * per_token)
-    if shape.swa_layers and shape.sliding_window and any(shape.swa_layers):
+    n_swa = sum(shape.sliding_layers)
+    if n_swa:
         # llama_kv_cache_iswa: the sliding-window layers hold min(length, n_swa + n_ubatch) cells (padded)
-        n_swa = sum(shape.swa_layers)
         swa_cells = _pad(min(length, shape.sliding_window + n_ubatch))
         per_layer = per_token / shape.n_layer
         plan = KVMemoryPlan(cache_type=cache_type, length=length, bytes_per_token=per_token, full_cells=full_cells,

@@ -1363,6 +1363,9 @@ bool llama_kv_cache::budget_evict(llama_context * lctx, const std::vector<uint32
 
 bool llama_kv_cache::budget_seq_rm_ok(llama_seq_id seq_id, llama_pos p0, llama_pos p1) const {
     GGML_ASSERT(budget);
+    if (p1 < 0) {
+        p1 = std::numeric_limits<llama_pos>::max(); // as seq_rm reads it: to the end (p0 < 0 reads as 0 below)
+    }
 
     // nothing evicted yet, everything removed, or only tokens decoded after the last eviction (ordinary
     // cells: composite cells are placed at the newest position they hold, which is older than them)

@@ -152,7 +152,9 @@ arch_result check_budgeted(llama_model * model, llama_context * ctx, const std::
     return r;
 }
 
-arch_result check_arch(llm_arch arch, bool moe, size_t seed, ggml_backend_dev_t dev, log_capture & lc) {
+// out_dir: also save the fixture model there as ARCH.gguf (for the checks of morphkv inspect)
+arch_result check_arch(llm_arch arch, bool moe, size_t seed, ggml_backend_dev_t dev, const std::string & out_dir,
+        log_capture & lc) {
     gguf_context_ptr gguf_ctx = get_gguf_ctx(arch, moe);
     if (arch == LLM_ARCH_BAILINGMOE3) {
         gguf_remove_key(gguf_ctx.get(), "bailingmoe3.kda.safe_gate"); // as test-llama-archs does
@@ -172,6 +174,9 @@ arch_result check_arch(llm_arch arch, bool moe, size_t seed, ggml_backend_dev_t 
         r.verdict = "FAIL";
         r.detail  = "the fixture model could not be created";
         return r;
+    }
+    if (!out_dir.empty()) {
+        llama_model_save_to_file(model.get(), (out_dir + "/" + r.arch + ".gguf").c_str());
     }
 
     lc.errors.clear();
@@ -244,17 +249,7 @@ int main(int argc, char ** argv) {
             results.push_back({ llm_arch_name(arch), moe ? "MoE" : "dense", "untested", "no fixture in test-llama-archs" });
             continue;
         }
-        results.push_back(check_arch(arch, moe, seed, dev, lc));
-        if (!out_dir.empty()) {
-            gguf_context_ptr g = get_gguf_ctx(arch, moe);
-            tensor_data_params tp = { seed, 0.1f };
-            llama_model_params mp = llama_model_default_params();
-            mp.progress_callback = silent_model_load_progress;
-            llama_model_ptr m(llama_model_init_from_user(g.get(), set_tensor_data, &tp, mp));
-            if (m) {
-                llama_model_save_to_file(m.get(), (out_dir + "/" + llm_arch_name(arch) + ".gguf").c_str());
-            }
-        }
+        results.push_back(check_arch(arch, moe, seed, dev, out_dir, lc));
         const auto & r = results.back();
         fprintf(stderr, "%-16s %-6s %-8s %s\n", r.arch.c_str(), r.config.c_str(), r.verdict.c_str(), r.detail.c_str());
     }
