@@ -69,6 +69,23 @@ def info(as_json: bool) -> None:
     click.echo(f"default model       {facts.get('default_model') or facts.get('default_model_error')}")
 
 
+class KeepType(click.ParamType):
+    """--kv-keep: none, prompt or a number of tokens (as Llama's kv_keep: None, "prompt" or an int)."""
+
+    name = "none|prompt|N"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int) or value in ("none", "prompt"):
+            return None if value == "none" else value
+        try:
+            n = int(value)
+        except ValueError:
+            n = -1
+        if n < 0:
+            self.fail(f"{value!r} is not none, prompt or a number of tokens >= 0", param, ctx)
+        return n or None
+
+
 def kv_budget_options(fn):
     """The ``--kv-*`` options of llama.cpp's tools, as ``Llama`` keyword arguments in ``kv``."""
     options = [
@@ -82,6 +99,9 @@ def kv_budget_options(fn):
                           "budget/8, at least 64 and at most --ubatch (64 for h2o): no more memory than 64]"),
         click.option("--kv-sinks", type=click.IntRange(min=0), default=0, show_default=True,
                      help="first tokens that are always kept"),
+        click.option("--kv-keep", type=KeepType(), default="none", show_default=True,
+                     help="never evict the prompt: the first prompt and the latest turn are kept besides the budget, "
+                          "up to N tokens (prompt: as many as --kv-budget); the cache grows by N cells"),
         click.option("--kv-fusion", type=click.Choice(["sum", "max"]), default="sum", show_default=True,
                      help="combine the window's attention rows"),
         click.option("--kv-group-reduce", type=click.Choice(["sum", "max"]), default="sum", show_default=True,
@@ -101,6 +121,8 @@ def kv_budget_options(fn):
         kv = {name: kwargs.pop(name) for name in list(kwargs) if name.startswith("kv_")}
         n_ubatch = kwargs.pop("n_ubatch")
         if kv["kv_budget"] is None:
+            if kv.get("kv_keep") is not None:
+                raise click.UsageError("--kv-keep keeps the prompt besides a budget: give --kv-budget as well")
             kv = {}
         kv.update(n_ubatch=n_ubatch, n_batch=max(n_ubatch, 512))
         return fn(*args, kv=kv, **kwargs)
@@ -115,7 +137,8 @@ def _memory_line(mem: dict) -> str:
         return (f"KV cache {mem['kv_bytes'] / 2**20:.2f} MiB allocated ({mem['n_cells']} cells, "
                 f"{mem['n_used']} used; full cache, no budget)")
     return (f"KV cache {mem['kv_bytes'] / 2**20:.2f} MiB ({mem['n_cells']} cells, {mem['n_used']} used, "
-            f"{mem['n_evictions']} evictions every {mem['evict_interval']} tokens, {mem['evict_ms']:.0f} ms) "
+            f"{mem['n_evictions']} evictions every {mem['evict_interval']} tokens, {mem['evict_ms']:.0f} ms"
+            + (f", {mem['n_kept']} prompt tokens kept" if mem.get("n_kept") else "") + ") "
             f"for {mem['n_tokens']} tokens; "
             f"a full cache would hold {mem['full_cache_bytes_for_tokens'] / 2**20:.2f} MiB")
 
@@ -371,10 +394,12 @@ def _count(n: int) -> str:
                    "budget/8 within [64, n-ubatch]]")
 @click.option("--n-ubatch", type=click.IntRange(min=1), default=512, show_default=True,
               help="physical batch size (the budget's cache holds one more ubatch)")
+@click.option("--kv-keep", type=KeepType(), default="none", show_default=True,
+              help="prompt tokens kept besides the budget (prompt: as many as --kv-budget)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @_fail_on(ValueError, OSError)
 def inspect_cmd(model: Path | None, length: int | None, kv_budget: int, cache_type: str, kv_evict_interval: int | None,
-            n_ubatch: int, as_json: bool) -> None:
+            n_ubatch: int, kv_keep: int | str | None, as_json: bool) -> None:
     """Shape of MODEL (a GGUF file; default: the default model) and its KV memory with and without a budget."""
     from .gguf_info import (BUDGET_CACHE_TYPES, KV_CACHE_TYPES, budget_support, kv_bytes_per_token,
                             plan_kv_memory, read_model_shape)
@@ -394,8 +419,9 @@ def inspect_cmd(model: Path | None, length: int | None, kv_budget: int, cache_ty
     if budget is not None and cache_type not in BUDGET_CACHE_TYPES:
         budget_note = f"cache type {cache_type} cannot be used with a KV budget (accepted: {', '.join(BUDGET_CACHE_TYPES)})"
         budget = None
+    keep = (budget or 0) if kv_keep == "prompt" else (kv_keep or 0)
     plan = plan_kv_memory(shape, length, cache_type=cache_type, kv_budget=budget,
-                          kv_evict_interval=kv_evict_interval, n_ubatch=n_ubatch)
+                          kv_evict_interval=kv_evict_interval, n_ubatch=n_ubatch, kv_keep=keep)
 
     if as_json:
         click.echo(json.dumps({"model": shape.path, "shape": shape.as_dict(), "kv_bytes_per_token": per_token,
@@ -420,8 +446,9 @@ def inspect_cmd(model: Path | None, length: int | None, kv_budget: int, cache_ty
             f"sliding-window layers)" if plan.swa_layers else ")")),
     ]
     if plan.kv_budget is not None:
-        rows.append((f"KV {cache_type}, budget", f"{_mib(plan.budget_kv_bytes)} for C={plan.kv_budget} "
-                     f"({plan.budget_cells:,} cells, at any length, eviction every {plan.kv_evict_interval} tokens) "
+        rows.append((f"KV {cache_type}, budget", f"{_mib(plan.budget_kv_bytes)} for C={plan.kv_budget}"
+                     + (f" + {plan.kv_keep} kept prompt tokens" if plan.kv_keep else "")
+                     + f" ({plan.budget_cells:,} cells, at any length, eviction every {plan.kv_evict_interval} tokens) "
                      f"+ query windows {_mib(plan.query_window_bytes)}"))
     elif budget_note:
         rows.append((f"KV {cache_type}, budget", budget_note))
@@ -480,7 +507,7 @@ def gguf_synth(shape: str, out: Path, dtype: str, seed: int, force: bool) -> Non
 @click.option("--policies", default=None,
               help="comma-separated, from full, full-shift (the full cache in other batches: the numerical "
                    "floor), morphkv, morphkv-max, morphkv-token, streaming, h2o, snapkv, or a variant of a budgeted one "
-                   "such as morphkv:window=64:sinks=4 (keys window, sinks, interval, fusion, group, granularity) "
+                   "such as morphkv:window=64:sinks=4 (keys window, sinks, interval, fusion, group, granularity, keep) "
                    "[default: all]")
 @click.option("--answer-tokens", type=click.IntRange(min=2), default=None,
               help="tokens of each reference answer [default: 2048; --quick 1024]")

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import sys
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,8 +81,19 @@ class Policy:
     def sinks(self) -> int:
         return int(self.kv.get("kv_sinks", 0))
 
-    def window(self, default: int) -> int:
-        return int(self.kv.get("kv_window", default))
+    def window(self, default: int, budget: int | None = None) -> int:
+        """W: the variant's own (an integer, or a share of the budget such as "C/2", "3C/4"), else default."""
+        value = self.kv.get("kv_window", default)
+        if isinstance(value, str):
+            num, den = window_share(value)
+            return max(1, (budget or 0) * num // den)
+        return int(value)
+
+    @property
+    def keeps_prompt(self) -> bool:
+        """kv_keep: the prompt is kept besides the budget, so the answer is read one token at a time (a token
+        decoded with others of its sequence counts as the user's)."""
+        return bool(self.kv.get("kv_keep"))
 
 
 POLICIES: dict[str, Policy] = {p.name: p for p in (
@@ -104,14 +116,24 @@ ALL_POLICIES = tuple(POLICIES)
 
 # settings a policy variant may change: "morphkv:window=64:sinks=4" (for tuning on the dev split)
 VARIANT_KEYS = {"window": "kv_window", "sinks": "kv_sinks", "fusion": "kv_fusion", "group": "kv_group_reduce",
-                "granularity": "kv_granularity", "interval": "kv_evict_interval"}
+                "granularity": "kv_granularity", "interval": "kv_evict_interval", "keep": "kv_keep"}
 _VARIANT_VALUES = {"kv_fusion": ("sum", "max"), "kv_group_reduce": ("sum", "max"),
                    "kv_granularity": ("head", "token")}
 
 
+def window_share(value: str) -> tuple[int, int]:
+    """"C/2" -> (1, 2), "3C/4" -> (3, 4): a window as a share of the budget C (0 < share < 1)."""
+    m = re.fullmatch(r"(\d*)[cC]/(\d+)", value.strip())
+    num, den = (int(m.group(1) or 1), int(m.group(2))) if m else (0, 0)
+    if not m or den == 0 or not 0 < num < den:
+        raise EvalError(f"bad window {value!r} (expected an integer, or a share of the budget below 1 such as C/2, 3C/4)")
+    return num, den
+
+
 def resolve_policy(spec: str) -> Policy:
     """A policy by name, or a variant of a budgeted one: ``NAME:key=value[:key=value...]`` with keys
-    window, sinks, interval (integers), fusion, group (sum|max) and granularity (head|token)."""
+    window (an integer, or a share of the budget: C/2, 3C/4), sinks, interval (integers), fusion, group (sum|max),
+    granularity (head|token) and keep (prompt or an integer: kv_keep, the prompt kept besides the budget)."""
     name, *settings = [part.strip() for part in spec.split(":")]
     if name not in POLICIES:
         raise EvalError(f"unknown policy {name!r} (accepted: {', '.join(ALL_POLICIES)}, or NAME:key=value variants)")
@@ -127,7 +149,12 @@ def resolve_policy(spec: str) -> Policy:
             raise EvalError(f"bad policy setting {item!r} in {spec!r} (expected key=value with key one of "
                             f"{', '.join(VARIANT_KEYS)})")
         kv_key = VARIANT_KEYS[key]
-        if kv_key in _VARIANT_VALUES:
+        if kv_key == "kv_keep" and value == "prompt":
+            kv[kv_key] = value
+        elif kv_key == "kv_window" and "c" in value.lower():
+            window_share(value)  # raises with what is accepted
+            kv[kv_key] = value.upper()
+        elif kv_key in _VARIANT_VALUES:
             if value not in _VARIANT_VALUES[kv_key]:
                 raise EvalError(f"bad {key} {value!r} in {spec!r} (accepted: {', '.join(_VARIANT_VALUES[kv_key])})")
             kv[kv_key] = value
@@ -136,7 +163,7 @@ def resolve_policy(spec: str) -> Policy:
                 kv[kv_key] = int(value)
             except ValueError:
                 raise EvalError(f"bad {key} {value!r} in {spec!r} (expected an integer)") from None
-            if kv[kv_key] < (0 if key == "sinks" else 1):
+            if kv[kv_key] < (0 if key in ("sinks", "keep") else 1):
                 raise EvalError(f"bad {key} {value!r} in {spec!r} (too small)")
     return Policy(spec, kv, base.grows, base.native, f"{base.description}; variant {':'.join(settings)}",
                   base.first_single)
@@ -184,7 +211,7 @@ def parse_policies(text: str | Iterable[str]) -> list[str]:
 
 def budget_problem(policy: Policy, budget: int, window: int) -> str | None:
     """Why the native code would refuse this budget, or None."""
-    window = policy.window(window)
+    window = policy.window(window, budget)
     if policy.budgeted and budget <= window + policy.sinks():
         return (f"kv_budget {budget} must be greater than kv_window {window} + kv_sinks {policy.sinks()} "
                 f"(the budget includes the protected cells)")
@@ -446,6 +473,7 @@ class Session:
         if policy.budgeted:
             kw.update(kv_budget=budget, kv_window=window, kv_evict_interval=interval)
             kw.update(policy.kv)  # a variant's own window or interval wins
+            kw["kv_window"] = policy.window(window, budget)
             if native_has_policy_keyword():
                 kw["kv_policy"] = policy.native
             elif policy.native != "morphkv":
@@ -747,8 +775,11 @@ def teacher_force(model_path: Path, seq: Sequence, policy: Policy, budget: int |
         while done < n_feed:
             if policy.first_single:
                 k = 1 if done == 0 else min(n_ubatch, n_feed - done)
+            elif policy.keeps_prompt and done < T:
+                k = 1  # generated tokens come alone: they are the answer, not the user's
             else:
-                k = max_piece(info["n_used"], s.budget, s.interval, n_ubatch, n_feed - done)
+                budget_now = None if s.budget is None else s.budget + int(info.get("n_kept", 0))
+                k = max_piece(info["n_used"], budget_now, s.interval, n_ubatch, n_feed - done)
             if done < T:
                 k = min(k, T - done)  # a piece ends at the answer's end: the memory trace gets that point
             want = need[done:done + k]

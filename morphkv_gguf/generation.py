@@ -39,6 +39,7 @@ def memory_report(llm) -> dict:
         "n_evictions": int(info["n_evictions"]),
         "evict_interval": int(info["kv_evict_interval"]),  # the one in use (the automatic one by default)
         "evict_ms": round(float(info["t_evict_ms"]), 3),
+        "n_kept": int(info["n_kept"]),  # prompt tokens kept besides the budget (kv_keep)
         # what a full cache would hold for the same tokens, for comparison
         "full_cache_bytes_for_tokens": int(round(bytes_per_cell * llm.n_tokens)),
         "n_tokens": int(llm.n_tokens),

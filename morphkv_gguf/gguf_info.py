@@ -140,6 +140,7 @@ class KVMemoryPlan:
     kv_window: int | None = None
     kv_evict_interval: int | None = None
     n_ubatch: int | None = None
+    kv_keep: int = 0           # prompt tokens kept besides the budget (their cells are part of budget_cells)
     budget_cells: int | None = None
     budget_kv_bytes: int | None = None
     query_window_bytes: int | None = None  # F32 ring buffer of the last W queries, all layers
@@ -330,12 +331,14 @@ def auto_evict_interval(kv_budget: int, n_ubatch: int = DEFAULT_N_UBATCH, policy
     return max(MIN_EVICT_INTERVAL, min(kv_budget // 8, n_ubatch))
 
 
-def budget_cells(kv_budget: int, kv_evict_interval: int | None = None, n_ubatch: int = DEFAULT_N_UBATCH) -> int:
-    """Cells the patched llama.cpp allocates for a budget C: after an eviction C are in use, and one
-    more ubatch (prefill) or S tokens (decode) must fit; independent of n_ctx. S None: the automatic one."""
+def budget_cells(kv_budget: int, kv_evict_interval: int | None = None, n_ubatch: int = DEFAULT_N_UBATCH,
+                 kv_keep: int = 0) -> int:
+    """Cells the patched llama.cpp allocates for a budget C: after an eviction C (and up to kv_keep kept prompt
+    tokens) are in use, and one more ubatch (prefill) or S tokens (decode) must fit; independent of n_ctx.
+    S None: the automatic one."""
     if kv_evict_interval is None:
         kv_evict_interval = auto_evict_interval(kv_budget, n_ubatch)
-    return _pad(kv_budget + max(kv_evict_interval, n_ubatch))
+    return _pad(kv_budget + kv_keep + max(kv_evict_interval, n_ubatch))
 
 
 # llama.cpp's default layer patterns of iSWA architectures (load_swa_pattern(ml, n, dense_first) in their
@@ -363,7 +366,7 @@ def _swa_layers(reader, arch: str, n_layer: int, swa) -> tuple[bool, ...] | None
 
 def plan_kv_memory(shape: ModelShape, length: int, *, cache_type: str = "f16", kv_budget: int | None = None,
                    kv_evict_interval: int | None = None, n_ubatch: int = DEFAULT_N_UBATCH,
-                   kv_window: int = DEFAULT_KV_WINDOW) -> KVMemoryPlan:
+                   kv_window: int = DEFAULT_KV_WINDOW, kv_keep: int = 0) -> KVMemoryPlan:
     """KV memory of a context of ``length`` tokens, and of a budget of ``kv_budget`` cells if given.
 
     Plain KV caches (see budget_support) and iSWA models, whose sliding-window layers hold at most the window plus
@@ -398,14 +401,16 @@ def plan_kv_memory(shape: ModelShape, length: int, *, cache_type: str = "f16", k
         raise ValueError(f"kv_evict_interval must be at least 1 (or None: automatic), got {kv_evict_interval}")
     if n_ubatch < 1:
         raise ValueError(f"n_ubatch must be at least 1, got {n_ubatch}")
+    if kv_keep < 0:
+        raise ValueError(f"kv_keep must be at least 0 (prompt tokens kept besides the budget), got {kv_keep}")
     if kv_evict_interval is None:
         kv_evict_interval = auto_evict_interval(kv_budget, n_ubatch)
-    cells = budget_cells(kv_budget, kv_evict_interval, n_ubatch)
+    cells = budget_cells(kv_budget, kv_evict_interval, n_ubatch, kv_keep)
     budget_bytes = cells * per_token
     if plan.swa_layers:  # the budget covers the full-attention layers; the sliding-window ones stay as planned
         per_layer = per_token / shape.n_layer
         budget_bytes = int(per_layer * ((shape.n_layer - plan.swa_layers) * cells + plan.swa_layers * plan.swa_cells))
     return KVMemoryPlan(**{**asdict(plan), "kv_budget": kv_budget, "kv_window": kv_window,
-                           "kv_evict_interval": kv_evict_interval, "n_ubatch": n_ubatch,
+                           "kv_evict_interval": kv_evict_interval, "n_ubatch": n_ubatch, "kv_keep": kv_keep,
                            "budget_cells": cells, "budget_kv_bytes": budget_bytes,
                            "query_window_bytes": query_window_bytes(shape, kv_window)})

@@ -14,12 +14,60 @@ where two cells score exactly the same at the cut, either may be kept.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import numpy.typing as npt
 
 FUSIONS = ("sum", "max")
 PROTECTED_BIAS = 1e6  # the native code's KV_BUDGET_PROTECTED_BIAS
+
+
+@dataclass
+class PromptKeep:
+    """kv_keep's rule (``llama_kv_budget_keep``): which prompt positions of a sequence are never evicted.
+
+    A prompt token is one decoded in a batch with other tokens of its sequence; a generated token
+    comes alone. Kept: the first prompt since the sequence was empty and the latest prompt after an
+    answer (a new one releases the previous latest one), at most ``cap`` positions in all; the
+    tokens of a prompt past the cap are not kept.
+    """
+
+    cap: int
+    first: tuple[int, int] = (0, 0)
+    last: tuple[int, int] = (0, 0)
+    first_done: bool = False
+    answered: bool = False
+
+    @property
+    def n_kept(self) -> int:
+        return (self.first[1] - self.first[0]) + (self.last[1] - self.last[0])
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        return [r for r in (self.first, self.last) if r[1] > r[0]]
+
+    def add(self, pos: int, prompt: bool) -> None:
+        """A token of the sequence at ``pos``; ``prompt``: its batch held other tokens of the sequence."""
+        if not prompt:
+            self.answered = self.answered or self.first[1] > self.first[0]
+            return
+        if self.answered:
+            self.first_done, self.answered, self.last = True, False, (pos, pos)
+        p0, p1 = self.last if self.first_done else self.first
+        if p1 == p0:
+            p0 = p1 = pos
+        if pos == p1 and self.n_kept < self.cap:  # the stored ranges: this one is as long as (p0, p1)
+            p1 = pos + 1
+        if self.first_done:
+            self.last = (p0, p1)
+        else:
+            self.first = (p0, p1)
+
+    def add_batch(self, positions: Sequence[int]) -> None:
+        """One batch's tokens of the sequence (in order)."""
+        for pos in positions:
+            self.add(int(pos), len(positions) > 1)
 
 
 @dataclass(frozen=True)
@@ -32,17 +80,22 @@ class CellClasses:
 
 
 def classify_cells(positions: npt.ArrayLike, window: int, sinks: int = 0,
-                   composite: npt.ArrayLike | None = None) -> CellClasses:
+                   composite: npt.ArrayLike | None = None,
+                   kept: Sequence[tuple[int, int]] = ()) -> CellClasses:
     """Classify cells by their (cell) positions; -1 marks an empty cell.
 
-    A non-composite cell is protected if it is one of the last ``window`` positions or one of the
-    first ``sinks`` positions; every other non-empty cell is evictable.
+    A non-composite cell is protected if it is one of the last ``window`` positions, one of the
+    first ``sinks`` positions or in one of the ``kept`` prompt ranges [p0, p1) (kv_keep,
+    :class:`PromptKeep`); every other non-empty cell is evictable.
     """
     pos = np.asarray(positions, dtype=np.int64)
     comp = np.zeros_like(pos, dtype=bool) if composite is None else np.asarray(composite, dtype=bool)
     live = pos >= 0
     pos_max = pos[live].max() if live.any() else -1
-    protected = live & ~comp & ((pos > pos_max - window) | (pos < sinks))
+    in_kept = np.zeros_like(live)
+    for p0, p1 in kept:
+        in_kept |= (pos >= p0) & (pos < p1)
+    protected = live & ~comp & ((pos > pos_max - window) | (pos < sinks) | in_kept)
     rank = np.full(pos.shape, -1, dtype=np.int64)
     order = np.argsort(np.where(protected, pos, np.iinfo(np.int64).max), kind="stable")
     for r, cell in enumerate(order[: int(protected.sum())]):

@@ -29,7 +29,10 @@
 #                entry TREE:BUDGET:SEQUENCES:PROMPT[:pps] (pps: one prompt shared by the sequences, copied with
 #                seq_cp, 128 tokens generated per sequence); log, JSON line and GPU memory samples per run
 #   phase eval:  needs what test needs; `morphkv eval` on the GPU (CUDA libllama), MORPHKV_EVAL_JOBS
-#                prompts at a time; eval.json etc. into $OUT/eval.tgz
+#                prompts at a time; eval.json etc. into $OUT/eval.tgz. MORPHKV_EVAL_SPLIT, MORPHKV_EVAL_BUDGETS
+#                ("64,128"), MORPHKV_EVAL_TOKENS (answer tokens) and MORPHKV_EVAL_POLICIES set the run;
+#                MORPHKV_EVAL_MODEL=gemma3-270m evaluates Gemma 3 270M instead, from .gpu/gemma3-270m.part.NN
+#                (scripts/gpu_bench_prepare.sh writes them; any phase stages the pieces it carries)
 # MORPHKV_BENCH_TREES="patched" builds (and later runs) only the patched tree; the patched tree also
 # builds test-kv-scores and (unless MORPHKV_BENCH_OPS_TEST is set empty) test-backend-ops.
 # Other knobs: MORPHKV_BENCH_SHAPES/DEPTHS/BUDGETS/PREFILL (build, run; a shape NAME:TYPE, e.g.
@@ -61,6 +64,7 @@ configure() {  # tree
 case "${1:?usage: gpu_bench.sh build|test|run|kernel|eval|batched}" in
 build)
     stage_model_parts "$work"
+    stage_parts gemma3-270m "$work"
     for t in $trees; do configure "$t"; done
     # the synthetic models are written while the two trees compile (8 jobs each)
     ( export PYTHONPATH="$work/src-patched/gguf-py:$PWD"
@@ -102,6 +106,7 @@ build)
     ;;
 test|eval)
     join_model_parts "$work"
+    stage_parts gemma3-270m "$work"
     mkdir -p "$work/py" "$work/stub" && tar -xJf .gpu/llama_cpp_py.tar.xz -C "$work/py"
     echo "class Cache: pass" > "$work/stub/diskcache.py"
     export PYTHONPATH="$work/py:$work/stub:$PWD:$work/src-patched/gguf-py" LLAMA_CPP_LIB_PATH="$work/build-patched/bin"
@@ -112,23 +117,34 @@ test|eval)
         # click may be missing there: the evaluation is called directly (same code as `morphkv eval`);
         # the plots are drawn here from eval.json (morphkv eval --render)
         t0=$SECONDS
+        model="$work/model.gguf"
+        if [ "${MORPHKV_EVAL_MODEL:-}" = gemma3-270m ]; then
+            model="$(join_parts gemma3-270m "$work")" || exit 1
+        fi
         PYTHONUNBUFFERED=1 python3 -c "
 import llama_cpp, sys
 from morphkv_gguf import evaluation as ev
 import os
-kw = {}
-if os.environ.get('MORPHKV_EVAL_POLICIES'):
-    kw['policies'] = ev.parse_policies(os.environ['MORPHKV_EVAL_POLICIES'])
+e = os.environ
+kw = {'model': sys.argv[3]}
+if e.get('MORPHKV_EVAL_POLICIES'):
+    kw['policies'] = ev.parse_policies(e['MORPHKV_EVAL_POLICIES'])
+if e.get('MORPHKV_EVAL_BUDGETS'):
+    kw['budgets'] = ev.parse_budgets(e['MORPHKV_EVAL_BUDGETS'])
+if e.get('MORPHKV_EVAL_SPLIT'):
+    kw['split'] = e['MORPHKV_EVAL_SPLIT']
+if e.get('MORPHKV_EVAL_TOKENS'):
+    kw['answer_tokens'] = int(e['MORPHKV_EVAL_TOKENS'])
 cfg = ev.EvalConfig(gpu_layers=99, jobs=int(sys.argv[1]), cache_dir='$work/eval-cache', **kw)
 doc = ev.run_eval(cfg)
 ev.write_outputs(doc, sys.argv[2], plots=False)
-print(open(sys.argv[2] + '/eval.md').read())" "${MORPHKV_EVAL_JOBS:-16}" "$work/eval" 2>&1 | tee "$OUT/eval.log" | grep -v '^\[prompt' | tail -40
+print(open(sys.argv[2] + '/eval.md').read())" "${MORPHKV_EVAL_JOBS:-16}" "$work/eval" "$model" 2>&1 | tee "$OUT/eval.log" | grep -v '^\[prompt' | tail -40
         echo "eval: $((SECONDS - t0)) s"
         tar -C "$work" -czf "$OUT/eval.tgz" eval eval-cache
         exit 0
     fi
-    python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(sys.argv[1:]))" tests/test_kv_budget.py tests/test_long_batches.py tests/test_multi_seq.py -q -p no:cacheprovider \
-        -k "reference or streaming or memory_stays_constant or below_the_budget or one_call or first_eviction or attention_scale or sequence" 2>&1 | tee "$OUT/pytest-cuda.txt" | tail -15
+    python3 -c "import llama_cpp, sys, pytest; sys.exit(pytest.main(sys.argv[1:]))" tests/test_kv_budget.py tests/test_long_batches.py tests/test_multi_seq.py tests/test_kv_keep.py -q -p no:cacheprovider \
+        -k "reference or streaming or memory_stays_constant or below_the_budget or one_call or first_eviction or attention_scale or sequence or keep" 2>&1 | tee "$OUT/pytest-cuda.txt" | tail -15
     ;;
 run)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"

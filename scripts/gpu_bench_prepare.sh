@@ -19,13 +19,19 @@ pack() {  # tree-dir out
 }
 pack "${MORPHKV_PATCHED_TREE:-$root/vendor/llama.cpp}" "$root/.gpu/llama-patched.tar.xz"
 pack "$root/vendor/stock/vendor/llama.cpp" "$root/.gpu/llama-stock.tar.xz"
-# the Python side of the patched bindings (no native library) and the default model
+# the Python side of the patched bindings (no native library), the default model and MORPHKV_GPU_MODELS
 tar -C "$root/vendor/llama-cpp-python" -cJf "$root/.gpu/llama_cpp_py.tar.xz" --exclude='llama_cpp/lib' --exclude='__pycache__' llama_cpp
 model="$("$root/.venv/bin/python" -c 'from morphkv_gguf.models import default_model_path; print(default_model_path())')"
 # four pieces (two for the build phase, two for the test phase), each small enough to copy to the GPU machine
-rm -f "$root/.gpu"/model.part.* "$root/.gpu/llama-prev-src.tar.xz"
+rm -f "$root/.gpu"/*.part.* "$root/.gpu/llama-prev-src.tar.xz"
 split -n 4 -d "$model" "$root/.gpu/model.part."
 sha256sum < "$model" | cut -d' ' -f1 > "$root/.gpu/model.sha256"
+# MORPHKV_GPU_MODELS="gemma3-270m": a second real model in pieces of 60 MiB (one per run beside the rest)
+for name in ${MORPHKV_GPU_MODELS:-}; do
+    path="$("$root/.venv/bin/python" -c "from morphkv_gguf.models import resolve_model; print(resolve_model('$name'))")"
+    split -b 60M -d "$path" "$root/.gpu/$name.part."
+    sha256sum < "$path" | cut -d' ' -f1 > "$root/.gpu/$name.sha256"
+done
 # MORPHKV_PREV_TREE=DIR: the files of DIR that differ from the current patched tree, for a same-machine A/B
 if [ -n "${MORPHKV_PREV_TREE:-}" ]; then
     prev="$MORPHKV_PREV_TREE" cur="${MORPHKV_PATCHED_TREE:-$root/vendor/llama.cpp}"

@@ -23,3 +23,26 @@ join_model_parts() {
         exit 1
     fi
 }
+
+# stage_parts NAME WORK: keep the pieces .gpu/NAME.part.* present (a second model, e.g. gemma3-270m)
+stage_parts() {
+    local p
+    for p in .gpu/"$1".part.*; do
+        [ -f "$p" ] && cp "$p" "$2/"
+    done
+    return 0
+}
+
+# join_parts NAME WORK: join the staged pieces into WORK/NAME.gguf, checked against .gpu/NAME.sha256; prints the path
+join_parts() {
+    stage_parts "$1" "$2"
+    local out="$2/$1.gguf"
+    [ -f "$out" ] || cat "$2/$1".part.* > "$out" 2>/dev/null
+    if [ ! -f ".gpu/$1.sha256" ] || [ "$(sha256sum < "$out" | cut -d' ' -f1)" != "$(cat ".gpu/$1.sha256")" ]; then
+        echo "the pieces of $1 do not add up (staged: $(cd "$2" && ls "$1".part.* 2>/dev/null | tr "\n" " ")); bring the" \
+             "missing .gpu/$1.part.* and .gpu/$1.sha256 (MORPHKV_GPU_MODELS=$1 scripts/gpu_bench_prepare.sh)" >&2
+        rm -f "$out"
+        return 1
+    fi
+    echo "$out"
+}

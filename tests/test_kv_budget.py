@@ -400,7 +400,8 @@ def test_streaming_keeps_sinks_and_the_most_recent_tokens(model_path):
     assert llm.kv_budget_info()["n_evictions"] >= 8
 
 
-def _check_against_reference(llm, snapshot, budget, window, granularity, n_head_kv, layer_scores_fn, rel_tol=2e-3):
+def _check_against_reference(llm, snapshot, budget, window, granularity, n_head_kv, layer_scores_fn, rel_tol=2e-3,
+                             kept=()):
     """Compare the cells kept by the eviction that ran after ``snapshot`` with the reference selection
     on ``layer_scores_fn(layer_state, classes)``; returns the native kept cells per layer
     ([n_head_kv, budget] per head, or [budget] for token granularity), in snapshot cell numbers."""
@@ -408,7 +409,7 @@ def _check_against_reference(llm, snapshot, budget, window, granularity, n_head_
 
     after = [llm.kv_budget_positions(il) for il in range(len(snapshot["layers"]))]
     first = snapshot["layers"][0]
-    classes = policies.classify_cells(first["cell_pos"], window, composite=first["composite"])
+    classes = policies.classify_cells(first["cell_pos"], window, composite=first["composite"], kept=kept)
     all_scores = [layer_scores_fn(st, classes) for st in snapshot["layers"]]
     n_prot = int(classes.protected.sum())
 

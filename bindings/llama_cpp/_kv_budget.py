@@ -6,7 +6,7 @@ values and nothing is allocated.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 from . import llama_cpp
 
@@ -37,6 +37,17 @@ def _choice(name: str, value: Any, accepted: Dict[str, int]) -> int:
     return accepted[value]
 
 
+def _keep(value: Union[int, str, None], kv_budget: Optional[int]) -> int:
+    """kv_keep: None or "none" (0), "prompt" (as many tokens as kv_budget) or a number of tokens."""
+    if value is None or value == "none":
+        return 0
+    if value == "prompt":
+        return kv_budget if isinstance(kv_budget, int) and not isinstance(kv_budget, bool) else 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"kv_keep must be None, 'none', 'prompt' or a number of tokens >= 0, got {value!r}")
+    return value
+
+
 def validate(
     kv_budget: Optional[int],
     kv_window: int,
@@ -46,6 +57,7 @@ def validate(
     kv_granularity: str,
     kv_sinks: int,
     kv_policy: str = "morphkv",
+    kv_keep: Union[int, str, None] = None,
 ) -> Dict[str, int]:
     """The native values for the budget kwargs (kv_budget 0 = off, kv_evict_interval 0 = auto), or ValueError."""
     window = _count("kv_window", kv_window, 1)
@@ -57,6 +69,11 @@ def validate(
     granularity = _choice("kv_granularity", kv_granularity, GRANULARITIES)
     policy = _choice("kv_policy", kv_policy, POLICIES)
     budget = 0
+    keep = _keep(kv_keep, kv_budget)
+    if kv_budget is None and kv_keep not in (None, "none", 0):
+        raise ValueError(f"kv_keep={kv_keep!r} keeps the prompt besides a budget: set kv_budget as well")
+    if keep and policy == POLICIES["snapkv"]:
+        raise ValueError(f"kv_keep={kv_keep!r} keeps the prompt, which kv_policy 'snapkv' compresses: use kv_keep=None")
     if kv_budget is not None:
         budget = _count("kv_budget", kv_budget, 1)
         if budget <= window + sinks:
@@ -69,6 +86,7 @@ def validate(
         "kv_window": window,
         "kv_evict_interval": interval,
         "kv_sinks": sinks,
+        "kv_keep": keep,
         "kv_fusion": fusion,
         "kv_group_reduce": group_reduce,
         "kv_granularity": granularity,

@@ -107,6 +107,14 @@ void llama_kv_budget_configure(const llama_model & model, const llama_context_pa
         kv_budget_fail(format("kv_policy snapkv compresses the prompt of one sequence (n_seq_max = 1), got n_seq_max = %u",
                 params.n_seq_max));
     }
+    if (params.kv_keep > 0 && params.kv_policy == LLAMA_KV_POLICY_SNAPKV) {
+        kv_budget_fail(format("kv_keep (%u) keeps the prompt, which kv_policy snapkv compresses; use kv_keep 0 with snapkv, "
+                "or another policy (morphkv, streaming, h2o)", params.kv_keep));
+    }
+    if (params.kv_keep > cparams.n_ctx) {
+        kv_budget_fail(format("kv_keep (%u) is larger than the context (n_ctx = %u): at most n_ctx prompt tokens can be kept",
+                params.kv_keep, cparams.n_ctx));
+    }
     if (params.flash_attn_type == LLAMA_FLASH_ATTN_TYPE_DISABLED) {
         kv_budget_fail("needs flash attention, which was explicitly disabled; enable it (or leave it on auto)");
     }
@@ -125,13 +133,15 @@ void llama_kv_budget_configure(const llama_model & model, const llama_context_pa
     kb.interval     = params.kv_evict_interval ? params.kv_evict_interval :
                       kv_budget_auto_interval(params.kv_budget, cparams.n_ubatch, params.kv_policy);
     kb.sinks        = params.kv_sinks;
+    kb.keep         = params.kv_keep;
     kb.fusion       = params.kv_fusion;
     kb.group_reduce = params.kv_group_reduce;
     kb.granularity  = params.kv_granularity;
     kb.policy       = params.kv_policy;
-    // after an eviction C cells are in use; one more ubatch (prefill) or S tokens (decode) must fit.
-    // SnapKV compresses once and then grows: it keeps the n_ctx allocation
-    kb.n_cells      = kb.policy == LLAMA_KV_POLICY_SNAPKV ? 0 : GGML_PAD(kb.budget + std::max(kb.interval, cparams.n_ubatch), 256);
+    // after an eviction C cells (and up to K kept prompt cells) are in use; one more ubatch (prefill) or S tokens
+    // (decode) must fit. SnapKV compresses once and then grows: it keeps the n_ctx allocation
+    kb.n_cells      = kb.policy == LLAMA_KV_POLICY_SNAPKV ? 0 :
+                      GGML_PAD(kb.budget + kb.keep + std::max(kb.interval, cparams.n_ubatch), 256);
 
     cparams.flash_attn = true; // composite cells need the non-transposed V of the flash-attention layout
     cparams.auto_fa    = false;
@@ -141,9 +151,9 @@ void llama_kv_budget_configure(const llama_model & model, const llama_context_pa
                 "budget bounds the memory of every layer)\n", __func__);
     }
 
-    LLAMA_LOG_INFO("%s: KV budget: policy %s, %u cells kept (window %u, sinks %u), eviction every %u tokens%s, fusion %s, "
-            "group %s, granularity %s -> %u cells allocated per sequence (%u sequences)\n", __func__, kv_policy_name(kb.policy),
-            kb.budget, kb.window, kb.sinks, kb.interval, params.kv_evict_interval ? "" : " (auto)", kv_fusion_name(kb.fusion),
+    LLAMA_LOG_INFO("%s: KV budget: policy %s, %u cells kept (window %u, sinks %u), prompt kept %u, eviction every %u tokens%s, "
+            "fusion %s, group %s, granularity %s -> %u cells allocated per sequence (%u sequences)\n", __func__, kv_policy_name(kb.policy),
+            kb.budget, kb.window, kb.sinks, kb.keep, kb.interval, params.kv_evict_interval ? "" : " (auto)", kv_fusion_name(kb.fusion),
             kv_fusion_name(kb.group_reduce), kv_granularity_name(kb.granularity), kb.n_cells ? kb.n_cells : cparams.n_ctx,
             std::max(1u, params.n_seq_max));
 }
@@ -217,11 +227,20 @@ llama_kv_cache * llama_kv_budget_cache_of(llama_memory_i * mem) {
     return nullptr;
 }
 
-void llama_kv_budget_note_batch(llama_context * lctx, int32_t n_tokens) {
+void llama_kv_budget_note_batch(llama_context * lctx, const llama_batch_ext & batch) {
     auto * kv = llama_kv_budget_cache_of(lctx->get_memory());
-    if (kv && kv->budget_active()) {
-        kv->budget_note_batch(n_tokens);
+    if (!kv || !kv->budget_active()) {
+        return;
     }
+    std::vector<uint32_t> n_seq(kv->get_n_stream(), 0);
+    for (const auto & tok : batch.tokens) {
+        for (llama_seq_id seq_id : tok.seq_ids) {
+            if (seq_id >= 0 && (uint32_t) seq_id < n_seq.size()) {
+                n_seq[seq_id]++; // stream s holds sequence s
+            }
+        }
+    }
+    kv->budget_note_batch((int32_t) batch.tokens.size(), std::move(n_seq));
 }
 
 size_t llama_kv_budget_state::aux_bytes() const {
@@ -289,7 +308,7 @@ void llama_kv_cache::budget_init(const llama_kv_budget_params & params) {
             n_rows_all += hparams.n_head_kv(layer.il);
         }
         ggml_context * ctx = ctx_map.at(ggml_backend_buffer_get_type(layers.back().k->buffer));
-        B.order_sel = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, params.budget, n_rows_all);
+        B.order_sel = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, params.budget + params.keep, n_rows_all);
         ggml_set_name(B.order_sel, "kv_budget_order_sel");
     }
 
@@ -408,6 +427,7 @@ void llama_kv_budget_stream::reset() {
     std::fill(q_pos.begin(), q_pos.end(), -1);
     last_evict_pos_max = -1;
     compressed = false;
+    keep = {};
 }
 
 // the sequence stream s holds: a budget needs a cache per sequence (or one sequence), so stream s holds sequence s
@@ -415,10 +435,44 @@ static llama_seq_id kv_budget_stream_seq(uint32_t s) {
     return (llama_seq_id) s;
 }
 
+// cells an eviction of stream s keeps: C, and the prompt tokens kept besides them (kv_keep)
+static uint32_t kv_budget_n_keep(const llama_kv_budget_state & B, uint32_t s) {
+    return B.params.budget + B.streams[s].keep.n_kept();
+}
+
+bool llama_kv_budget_keep::add(llama_pos pos, bool prompt, uint32_t cap) {
+    if (!prompt) {
+        answered = answered || first_p1 > first_p0;
+        return false;
+    }
+    if (answered) {
+        // a new user turn: the previous one (not the first prompt) is released
+        first_done = true;
+        answered   = false;
+        overflow   = false;
+        last_p0 = last_p1 = pos;
+    }
+    llama_pos & p0 = first_done ? last_p0 : first_p0;
+    llama_pos & p1 = first_done ? last_p1 : first_p1;
+    if (p1 == p0) {
+        p0 = p1 = pos;
+    }
+    if (pos != p1) {
+        return false; // already kept (decoded again after a removal), or not contiguous with the prompt
+    }
+    if (n_kept() < cap) {
+        p1 = pos + 1;
+        return false;
+    }
+    const bool first = !overflow;
+    overflow = true;
+    return first;
+}
+
 bool llama_kv_cache::budget_stream_due(uint32_t s, bool optimize) const {
     const auto & p = budget->params;
     const uint32_t n_used = v_cells[s].get_used();
-    if (n_used <= p.budget) {
+    if (n_used <= kv_budget_n_keep(*budget, s)) {
         return false;
     }
     if (p.policy == LLAMA_KV_POLICY_SNAPKV) {
@@ -426,7 +480,7 @@ bool llama_kv_cache::budget_stream_due(uint32_t s, bool optimize) const {
         return !budget->streams[s].compressed && (optimize || budget->n_batch_tokens == 1);
     }
     // optimize: a ubatch found no free slot (decode's retry path)
-    return optimize || p.full(n_used);
+    return optimize || p.full(n_used, budget->streams[s].keep.n_kept());
 }
 
 std::vector<uint32_t> llama_kv_cache::budget_streams_due(bool optimize) const {
@@ -466,9 +520,10 @@ llama_kv_cache::slot_info_vec_t llama_kv_cache::budget_prepare(const std::vector
     // the plan places the ubatches in the real cells, which it restores at the end
     const std::vector<llama_kv_cells> cells_old = v_cells;
     const std::vector<uint32_t> heads_old = v_heads;
-    std::vector<std::pair<std::vector<llama_pos>, std::vector<uint8_t>>> marks_old; // what apply_ubatch changes
+    struct marks { std::vector<llama_pos> comp_cell_pos; std::vector<uint8_t> acc_valid; llama_kv_budget_keep keep; };
+    std::vector<marks> marks_old; // what apply_ubatch changes
     for (const auto & S : B.streams) {
-        marks_old.emplace_back(S.comp_cell_pos, S.acc_valid);
+        marks_old.push_back({ S.comp_cell_pos, S.acc_valid, S.keep });
     }
 
     slot_info_vec_t res;
@@ -484,7 +539,7 @@ llama_kv_cache::slot_info_vec_t llama_kv_cache::budget_prepare(const std::vector
         // not fit, every stream of the ubatch that holds more than C
         auto & evict = evict_before[i];
         for (uint32_t s : strms) {
-            if (i > 0 && p.full(v_cells[s].get_used())) {
+            if (i > 0 && p.full(v_cells[s].get_used(), B.streams[s].keep.n_kept())) {
                 evict.push_back(s);
             }
         }
@@ -492,14 +547,14 @@ llama_kv_cache::slot_info_vec_t llama_kv_cache::budget_prepare(const std::vector
         if (evict.empty()) {
             sinfo = find_slot(ubatch, false);
             for (uint32_t s : strms) {
-                if (sinfo.empty() && i > 0 && v_cells[s].get_used() > p.budget) {
+                if (sinfo.empty() && i > 0 && v_cells[s].get_used() > kv_budget_n_keep(B, s)) {
                     evict.push_back(s);
                 }
             }
         }
         if (!evict.empty()) {
             for (uint32_t s : evict) {
-                kv_budget_plan_evict(v_cells[s], v_heads[s], p.budget, kv_budget_stream_seq(s));
+                kv_budget_plan_evict(v_cells[s], v_heads[s], kv_budget_n_keep(B, s), kv_budget_stream_seq(s));
             }
             sinfo = find_slot(ubatch, false);
         }
@@ -514,8 +569,9 @@ llama_kv_cache::slot_info_vec_t llama_kv_cache::budget_prepare(const std::vector
     v_cells = cells_old;
     v_heads = heads_old;
     for (uint32_t s = 0; s < n_stream; ++s) {
-        B.streams[s].comp_cell_pos = std::move(marks_old[s].first);
-        B.streams[s].acc_valid     = std::move(marks_old[s].second);
+        B.streams[s].comp_cell_pos = std::move(marks_old[s].comp_cell_pos);
+        B.streams[s].acc_valid     = std::move(marks_old[s].acc_valid);
+        B.streams[s].keep          = marks_old[s].keep;
     }
 
     return res;
@@ -824,7 +880,7 @@ llama_kv_budget_evict::llama_kv_budget_evict(llama_kv_cache & kv, llama_context 
 
     n_used  = cells.get_used();
     n_kv    = cells.used_max_p1();
-    n_keep  = p.budget;
+    n_keep  = kv_budget_n_keep(B, strm);
     n_rows  = p.n_q_rows();
     pos_max = cells.seq_pos_max(seq);
 
@@ -921,7 +977,7 @@ void llama_kv_budget_evict::plan_cells() {
         }
         const llama_pos pos = cells.pos_get(i);
         const bool composite = S.comp_cell_pos[i] >= 0;
-        if (!composite && (pos > pos_max - (llama_pos) p.window || pos < (llama_pos) p.sinks)) {
+        if (!composite && (pos > pos_max - (llama_pos) p.window || pos < (llama_pos) p.sinks || S.keep.kept(pos))) {
             row[i] = ninf;
             prot.emplace_back(pos, i);
         } else if (streaming) {
@@ -929,7 +985,7 @@ void llama_kv_budget_evict::plan_cells() {
         }
     }
     std::sort(prot.begin(), prot.end());
-    GGML_ASSERT(prot.size() < n_keep); // configure: budget > window + sinks
+    GGML_ASSERT(prot.size() < n_keep); // configure: budget > window + sinks; the kept prompt is counted in n_keep
     for (uint32_t r = 0; r < prot.size(); ++r) {
         bias[prot[r].second] = KV_BUDGET_PROTECTED_BIAS + (float) r;
     }
@@ -1075,7 +1131,8 @@ void llama_kv_budget_evict::build_order(ggml_context * ctx, ggml_cgraph * gf, ll
     if (split) {
         // the kept cells stay on the device for the gather graph (and are read back from there)
         ggml_build_forward_expand(gf, ggml_cpy(ctx,
-                ggml_view_2d(ctx, order_all, n_keep, order_all->ne[1], order_all->nb[1], 0), B.order_sel));
+                ggml_view_2d(ctx, order_all,   n_keep, order_all->ne[1], order_all->nb[1],   0),
+                ggml_view_2d(ctx, B.order_sel, n_keep, order_all->ne[1], B.order_sel->nb[1], 0)));
     } else {
         ggml_set_output(order_all);
         ggml_build_forward_expand(gf, order_all);
@@ -1208,7 +1265,7 @@ void llama_kv_budget_evict::read_order() {
     }
     ggml_backend_tensor_get(B.order_sel, dst, 0, ggml_nbytes(B.order_sel));
     orders_host  = dst;
-    order_stride = n_keep;
+    order_stride = B.order_sel->ne[0];
 }
 
 // per token: the cells outside the top C are freed; the kept ones stay where they are
@@ -1346,7 +1403,7 @@ void llama_kv_budget_evict::log_done() const {
 bool llama_kv_cache::budget_evict(llama_context * lctx, const std::vector<uint32_t> & strms) {
     GGML_ASSERT(budget);
     for (uint32_t s : strms) {
-        if (v_cells[s].get_used() <= budget->params.budget) {
+        if (v_cells[s].get_used() <= kv_budget_n_keep(*budget, s)) {
             continue;
         }
         llama_kv_budget_evict ev(*this, lctx, s);
@@ -1394,9 +1451,20 @@ void llama_kv_cache::budget_reset_empty() {
     }
 }
 
-void llama_kv_cache::budget_on_new_token(uint32_t s, uint32_t idx) {
-    budget->streams[s].comp_cell_pos[idx] = -1;
-    budget->streams[s].acc_valid[idx]     = 0;
+void llama_kv_cache::budget_on_new_token(uint32_t s, uint32_t idx, llama_pos pos) {
+    auto & B = *budget;
+    auto & S = B.streams[s];
+    S.comp_cell_pos[idx] = -1;
+    S.acc_valid[idx]     = 0;
+    if (B.params.keep == 0) {
+        return;
+    }
+    const bool prompt = s < B.n_batch_seq_tokens.size() && B.n_batch_seq_tokens[s] > 1;
+    if (S.keep.add(pos, prompt, B.params.keep)) {
+        LLAMA_LOG_WARN("%s: the prompt of sequence %d reaches kv_keep = %u kept tokens (first prompt and latest turn): "
+                "its tokens from position %d on are not kept and are evicted like the answer's; raise kv_keep to keep them\n",
+                __func__, kv_budget_stream_seq(s), B.params.keep, pos);
+    }
 }
 
 void llama_kv_cache::budget_copy_stream(uint32_t ssrc, uint32_t sdst) {
@@ -1422,7 +1490,7 @@ void llama_kv_cache::budget_copy_stream_data(uint32_t ssrc, uint32_t sdst) const
 }
 
 static constexpr uint32_t KV_BUDGET_STATE_MAGIC   = 0x424b564d; // "MVKB"
-static constexpr uint32_t KV_BUDGET_STATE_VERSION = 2;         // 2: the budget's data follows each stream's cells
+static constexpr uint32_t KV_BUDGET_STATE_VERSION = 3;         // 2: the budget's data follows each stream's cells; 3: kv_keep's ranges
 
 void llama_kv_cache::budget_state_write_header(llama_io_write_i & io) const {
     const auto & B = *budget;
@@ -1435,15 +1503,16 @@ void llama_kv_cache::budget_state_write_header(llama_io_write_i & io) const {
 
 void llama_kv_cache::budget_state_read_header(llama_io_read_i & io) {
     const auto & B = *budget;
-    uint32_t hdr[6];
+    uint32_t hdr[6] = {};
     io.read(hdr, sizeof(hdr));
     if (hdr[0] != KV_BUDGET_STATE_MAGIC) {
         throw std::runtime_error("kv_budget: this state was saved by a context without a KV budget; "
                 "load it into a context without kv_budget");
     }
-    if (hdr[1] != KV_BUDGET_STATE_VERSION) {
-        throw std::runtime_error(format("kv_budget: state format %u, this build reads format %u", hdr[1], KV_BUDGET_STATE_VERSION));
+    if (hdr[1] != KV_BUDGET_STATE_VERSION && hdr[1] != 2) {
+        throw std::runtime_error(format("kv_budget: state format %u, this build reads formats 2 and %u", hdr[1], KV_BUDGET_STATE_VERSION));
     }
+    budget->state_version = hdr[1];
     const uint32_t rows = B.params.n_q_rows();
     if (hdr[2] != B.params.window || hdr[3] != B.q_win.size() || hdr[4] != rows || hdr[5] != B.n_head_kv_max) {
         throw std::runtime_error(format("kv_budget: the state was saved with kv_window %u, %u layers, %u query rows, %u KV heads; "
@@ -1498,6 +1567,10 @@ void llama_kv_cache::budget_state_write_extra(llama_io_write_i & io, uint32_t s,
         valid[k] = S.acc_valid[idxs[k]];
     }
     io.write(valid.data(), n);
+    const llama_pos keep[4] = { S.keep.first_p0, S.keep.first_p1, S.keep.last_p0, S.keep.last_p1 };
+    const uint8_t keep_flags = (S.keep.first_done ? 1 : 0) | (S.keep.answered ? 2 : 0) | (S.keep.overflow ? 4 : 0);
+    io.write(keep, sizeof(keep));
+    io.write(&keep_flags, sizeof(keep_flags));
     std::vector<float> acc_all, acc_saved(n);
     for (ggml_tensor * a : B.acc) {
         acc_all.resize(a->ne[0]*a->ne[1]);
@@ -1553,6 +1626,24 @@ void llama_kv_cache::budget_state_read_extra(llama_io_read_i & io, uint32_t s, c
     io.read(valid.data(), n);
     for (uint32_t k = 0; k < n; ++k) {
         S.acc_valid[idxs[k]] = valid[k];
+    }
+    S.keep = {};
+    if (B.state_version >= 3) {
+        llama_pos keep[4];
+        uint8_t   keep_flags = 0;
+        io.read(keep, sizeof(keep));
+        io.read(&keep_flags, sizeof(keep_flags));
+        S.keep.first_p0 = keep[0];
+        S.keep.first_p1 = keep[1];
+        S.keep.last_p0  = keep[2];
+        S.keep.last_p1  = keep[3];
+        S.keep.first_done = keep_flags & 1;
+        S.keep.answered   = keep_flags & 2;
+        S.keep.overflow   = keep_flags & 4;
+        if (keep[0] > keep[1] || keep[2] > keep[3] || S.keep.n_kept() > B.params.keep) {
+            throw std::runtime_error(format("kv_budget: the state keeps %u prompt positions ([%d, %d) and [%d, %d)); this context "
+                    "keeps at most kv_keep = %u", S.keep.n_kept(), keep[0], keep[1], keep[2], keep[3], B.params.keep));
+        }
     }
     std::vector<float> acc_all, acc_saved(n);
     for (ggml_tensor * a : B.acc) {
@@ -1616,6 +1707,17 @@ static void kv_budget_fill_info(const llama_kv_cache & kv, const llama_kv_cache 
     info->active    = B != nullptr;
     info->pos_last_evict    = -1;
     info->kv_evict_interval = B ? B->params.interval : 0;
+    if (B) {
+        const auto & p = B->params;
+        info->kv_budget       = p.budget;
+        info->kv_window       = p.window;
+        info->kv_sinks        = p.sinks;
+        info->kv_keep         = p.keep;
+        info->kv_fusion       = p.fusion;
+        info->kv_group_reduce = p.group_reduce;
+        info->kv_granularity  = p.granularity;
+        info->kv_policy       = p.policy;
+    }
     for (uint32_t s = s0; s < s1; ++s) {
         info->n_cells += kv.get_size();
         info->n_used  += kv.get_cells(s).get_used();
@@ -1625,6 +1727,7 @@ static void kv_budget_fill_info(const llama_kv_cache & kv, const llama_kv_cache 
             info->n_evicted   += S.n_evicted;
             info->t_evict_ms  += S.t_evict_us/1000.0;
             info->pos_last_evict = std::max(info->pos_last_evict, S.last_evict_pos_max);
+            info->n_kept += S.keep.n_kept();
         }
     }
     // the buffers are shared by the streams: a sequence's share

@@ -32,6 +32,7 @@ struct llama_kv_budget_params {
     uint32_t window   = 32;  // W: most recent tokens, never evicted; their queries score the rest
     uint32_t interval = 64;  // S: tokens that may accumulate beyond C before the next eviction
     uint32_t sinks    = 0;   // first tokens, never evicted
+    uint32_t keep     = 0;   // K: the user's prompt tokens kept besides the C cells (llama_kv_budget_keep)
 
     llama_kv_fusion      fusion       = LLAMA_KV_FUSION_SUM;
     llama_kv_fusion      group_reduce = LLAMA_KV_FUSION_SUM;
@@ -42,8 +43,8 @@ struct llama_kv_budget_params {
 
     bool enabled() const { return budget > 0; }
 
-    // an eviction is due with n_used cells in use: C + S of them
-    bool full(uint32_t n_used) const { return n_used >= budget + interval; }
+    // an eviction is due with n_used cells in use: C + S of them, besides the n_kept prompt cells kept
+    bool full(uint32_t n_used, uint32_t n_kept) const { return n_used >= budget + n_kept + interval; }
 
     // evictions run between the ubatches of a batch (a prompt of any length fits the cache); SnapKV compresses
     // once, after the prompt, in a cache of n_ctx cells
@@ -70,8 +71,30 @@ class llama_kv_cache;
 struct llama_memory_i;
 llama_kv_cache * llama_kv_budget_cache_of(llama_memory_i * mem);
 
-// the size of the batch being decoded (SnapKV compresses before the first single-token batch)
-void llama_kv_budget_note_batch(llama_context * lctx, int32_t n_tokens);
+// the batch being decoded: its size (SnapKV compresses before the first single-token batch) and its tokens per
+// sequence (kv_keep: a sequence's prompt tokens come several in a batch)
+struct llama_batch_ext;
+void llama_kv_budget_note_batch(llama_context * lctx, const llama_batch_ext & batch);
+
+// kv_keep: the prompt tokens of a sequence that are never evicted, kept besides its budget. A prompt token is one
+// that arrives in a batch holding more than one token of its sequence (a generated token comes alone). Kept: the
+// first prompt since the sequence was empty (system prompt and first user turn) and the latest prompt (the latest
+// user turn); a new prompt after an answer releases the previous latest one, whose tokens are then scored like the
+// answer's. At most K positions are kept: past them, prompt tokens are not kept (logged once per prompt).
+struct llama_kv_budget_keep {
+    llama_pos first_p0 = 0, first_p1 = 0; // [p0, p1): the first prompt
+    llama_pos last_p0  = 0, last_p1  = 0; // the latest prompt, after an answer
+    bool first_done = false; // an answer followed the first prompt
+    bool answered   = false; // a token came alone since the latest prompt token
+    bool overflow   = false; // the current prompt outgrew K (logged)
+
+    uint32_t n_kept() const { return (uint32_t) ((first_p1 - first_p0) + (last_p1 - last_p0)); }
+    bool kept(llama_pos pos) const { return (pos >= first_p0 && pos < first_p1) || (pos >= last_p0 && pos < last_p1); }
+
+    // a token of the sequence at pos; prompt: its batch held other tokens of the sequence; returns true the first
+    // time a prompt outgrows cap
+    bool add(llama_pos pos, bool prompt, uint32_t cap);
+};
 
 // per-sequence state of the budget: one per stream of the cache (a non-unified cache holds sequence s in
 // stream s; a budget with one stream holds sequence 0)
@@ -87,6 +110,8 @@ struct llama_kv_budget_stream {
     // the position whose query each row of the stream's query window holds (-1: none); a row holding a position
     // the cache no longer has (a rejected draft token, removed by seq_rm) does not score the next eviction
     std::vector<llama_pos> q_pos;
+
+    llama_kv_budget_keep keep;         // kv_keep: the prompt positions never evicted
 
     llama_pos last_evict_pos_max = -1; // newest position at the last eviction since the sequence was empty
     bool      compressed = false;      // SnapKV: the prompt was compressed
@@ -125,7 +150,10 @@ struct llama_kv_budget_state {
     // valid for the cells marked in the stream's acc_valid
     std::vector<ggml_tensor *> acc;
 
+    uint32_t state_version = 0;  // the format of the state being read (budget_state_read_header)
+
     int32_t n_batch_tokens = 0;  // tokens of the batch being decoded
+    std::vector<uint32_t> n_batch_seq_tokens; // per stream: tokens of its sequence in the batch being decoded
     llama_context * lctx   = nullptr; // the context of the cache's updates: runs the evictions between ubatches
     bool    warned_train_ctx = false;
     std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> ctxs_bufs;
