@@ -86,6 +86,23 @@ class KeepType(click.ParamType):
         return n or None
 
 
+class RecentType(click.ParamType):
+    """--kv-recent: auto, window or a number of tokens >= 1 (as Llama's kv_recent)."""
+
+    name = "{auto,window,N}"
+
+    def convert(self, value, param, ctx):
+        if value in ("auto", "window") or isinstance(value, int):
+            return value
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            self.fail(f"{value!r} is not auto, window or a number of tokens >= 1", param, ctx)
+        return n
+
+
 def kv_budget_options(fn):
     """The ``--kv-*`` options of llama.cpp's tools, as ``Llama`` keyword arguments in ``kv``."""
     options = [
@@ -97,15 +114,22 @@ def kv_budget_options(fn):
         click.option("--kv-evict-interval", type=click.IntRange(min=1), default=None,
                      help="tokens that may accumulate beyond the budget before the next eviction [default: "
                           "budget/8, at least 64 and at most --ubatch (64 for h2o): no more memory than 64]"),
-        click.option("--kv-sinks", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="first tokens that are always kept"),
+        click.option("--kv-recent", type=RecentType(), default=None,
+                     help="most recent tokens never evicted when more than --kv-window (only the window's queries "
+                          "score; no query memory for the rest): auto (3/4 of the budget), window or N "
+                          "[default: the preset's: auto; paper: window]"),
+        click.option("--kv-sinks", type=click.IntRange(min=0), default=None,
+                     help="first tokens that are always kept [default: the preset's: 4; paper: 0]"),
         click.option("--kv-keep", type=KeepType(), default="none", show_default=True,
                      help="never evict the prompt: the first prompt and the latest turn are kept besides the budget, "
                           "up to N tokens (prompt: as many as --kv-budget); the cache grows by N cells"),
-        click.option("--kv-fusion", type=click.Choice(["sum", "max"]), default="sum", show_default=True,
-                     help="combine the window's attention rows"),
-        click.option("--kv-group-reduce", type=click.Choice(["sum", "max"]), default="sum", show_default=True,
-                     help="combine the query heads sharing a KV head"),
+        click.option("--kv-fusion", type=click.Choice(["sum", "max"]), default=None,
+                     help="combine the window's attention rows [default: the preset's: max; paper: sum]"),
+        click.option("--kv-group-reduce", type=click.Choice(["sum", "max"]), default=None,
+                     help="combine the query heads sharing a KV head [default: the preset's: max; paper: sum]"),
+        click.option("--kv-preset", type=click.Choice(["measured", "paper"]), default="measured", show_default=True,
+                     help="defaults of the four options above: measured (the best on our dev prompts, "
+                          "docs/evaluation.md) or paper (MorphKV's own: sum, sum, no sinks, the window alone)"),
         click.option("--kv-granularity", type=click.Choice(["head", "token"]), default="head", show_default=True,
                      help="select per KV head (composite cells) or one set of tokens for all heads"),
         click.option("--kv-policy", type=click.Choice(["morphkv", "streaming", "h2o", "snapkv"]), default="morphkv",
@@ -506,9 +530,13 @@ def gguf_synth(shape: str, out: Path, dtype: str, seed: int, force: bool) -> Non
 @click.option("--budgets", default=None, help="KV budgets C in cells, comma-separated [default: 64,128,256,512]")
 @click.option("--policies", default=None,
               help="comma-separated, from full, full-shift (the full cache in other batches: the numerical "
-                   "floor), morphkv, morphkv-max, morphkv-token, streaming, h2o, snapkv, or a variant of a budgeted one "
-                   "such as morphkv:window=64:sinks=4 (keys window, sinks, interval, fusion, group, granularity, keep) "
-                   "[default: all]")
+                   "floor), morphkv, morphkv-max, morphkv-default (the library's defaults), morphkv-token, streaming, "
+                   "h2o, snapkv, or a variant such as morphkv:window=C/2:sinks=4 (keys window, recent, sinks, interval, "
+                   "fusion, group, granularity, keep; and type, the K/V cache type, which the full cache takes too: "
+                   "full:type=q8_0) [default: all]")
+@click.option("--memory-matched", is_flag=True,
+              help="compare at equal KV bytes: budgets are f16 cells, and a policy of another cache type "
+                   "(type=q8_0, type=q4_0) holds the cells that fit the same bytes; adds a table and kl_vs_memory.png")
 @click.option("--answer-tokens", type=click.IntRange(min=2), default=None,
               help="tokens of each reference answer [default: 2048; --quick 1024]")
 @click.option("--prompts", "n_prompts", type=click.IntRange(min=1), default=None,
@@ -535,7 +563,8 @@ def gguf_synth(shape: str, out: Path, dtype: str, seed: int, force: bool) -> Non
 @_fail_on(ValueError, OSError, RuntimeError)
 def eval_cmd(model: Path | None, quick: bool, budgets: str | None, policies: str | None, answer_tokens: int | None,
              n_prompts: int | None, split: str, prompts_file: Path | None, out_dir: Path | None, threads: int | None, seed: int, window: int,
-             interval: int, cache_dir: Path | None, jobs: int, gpu_layers: int, render_json: Path | None) -> None:
+             interval: int, cache_dir: Path | None, jobs: int, gpu_layers: int, render_json: Path | None,
+             memory_matched: bool) -> None:
     """Fidelity (KL, top-1, NLL vs the full cache), recall and KV memory of the policies on long answers."""
     from . import evaluation as ev
 
@@ -548,7 +577,7 @@ def eval_cmd(model: Path | None, quick: bool, budgets: str | None, policies: str
 
     cfg = ev.EvalConfig(
         model=model, quick=quick, split=split, seed=seed, threads=threads, window=window, interval=interval,
-        jobs=jobs, gpu_layers=gpu_layers, prompts_file=prompts_file or ev.DATA_FILE,
+        jobs=jobs, gpu_layers=gpu_layers, prompts_file=prompts_file or ev.DATA_FILE, memory_matched=memory_matched,
         budgets=ev.parse_budgets(budgets if budgets is not None else (ev.QUICK["budgets"] if quick else ev.DEFAULT_BUDGETS)),
         policies=ev.parse_policies(policies if policies is not None else (ev.QUICK["policies"] if quick else ev.ALL_POLICIES)),
         answer_tokens=answer_tokens or (ev.QUICK["answer_tokens"] if quick else ev.DEFAULT_ANSWER_TOKENS),

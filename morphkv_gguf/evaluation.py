@@ -32,6 +32,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from .gguf_info import KV_CACHE_TYPES as CACHE_TYPES, kv_bytes_per_token, read_model_shape
 from .models import resolve_model
 
 DATA_FILE = Path(__file__).parent / "data" / "eval_prompts.json"
@@ -73,6 +74,7 @@ class Policy:
     native: str | None      # the native kv_policy, None for the full cache
     description: str
     first_single: bool = False  # the first answer token is decoded alone (SnapKV compresses then)
+    cache_type: str = "f16"     # K and V cache type (a "type=q8_0" variant)
 
     @property
     def budgeted(self) -> bool:
@@ -83,11 +85,11 @@ class Policy:
 
     def window(self, default: int, budget: int | None = None) -> int:
         """W: the variant's own (an integer, or a share of the budget such as "C/2", "3C/4"), else default."""
-        value = self.kv.get("kv_window", default)
-        if isinstance(value, str):
-            num, den = window_share(value)
-            return max(1, (budget or 0) * num // den)
-        return int(value)
+        return _cells(self.kv.get("kv_window", default), budget, 1)
+
+    def recent(self, budget: int | None = None) -> int:
+        """R: recent tokens protected beyond the window (kv_recent; 0 = the window)."""
+        return _cells(self.kv.get("kv_recent", 0), budget, 0)
 
     @property
     def keeps_prompt(self) -> bool:
@@ -105,6 +107,10 @@ POLICIES: dict[str, Policy] = {p.name: p for p in (
            "MorphKV, sum fusion, per-head selection"),
     Policy("morphkv-max", {"kv_fusion": "max", "kv_group_reduce": "max", "kv_granularity": "head"}, False, "morphkv",
            "MorphKV, max fusion and max over the query-head group, per-head selection"),
+    Policy("morphkv-default", {"kv_fusion": "max", "kv_group_reduce": "max", "kv_granularity": "head", "kv_sinks": 4,
+                               "kv_recent": "3C/4"}, False, "morphkv",
+           "MorphKV with the library's defaults: max fusion and group reduce, 4 sinks, the last 3C/4 tokens kept, "
+           "the last W of them scoring"),
     Policy("morphkv-token", {"kv_fusion": "sum", "kv_group_reduce": "sum", "kv_granularity": "token"}, False,
            "morphkv", "MorphKV, sum fusion, one selection for all heads and layers"),
     Policy("streaming", {"kv_sinks": 4}, False, "streaming", "StreamingLLM: 4 sink tokens + the most recent"),
@@ -114,11 +120,20 @@ POLICIES: dict[str, Policy] = {p.name: p for p in (
 )}
 ALL_POLICIES = tuple(POLICIES)
 
-# settings a policy variant may change: "morphkv:window=64:sinks=4" (for tuning on the dev split)
+# settings a policy variant may change: "morphkv:window=64:sinks=4" (for tuning on the dev split); "type" (the K/V
+# cache type) applies to every policy, the full cache included
 VARIANT_KEYS = {"window": "kv_window", "sinks": "kv_sinks", "fusion": "kv_fusion", "group": "kv_group_reduce",
-                "granularity": "kv_granularity", "interval": "kv_evict_interval", "keep": "kv_keep"}
+                "granularity": "kv_granularity", "interval": "kv_evict_interval", "keep": "kv_keep",
+                "recent": "kv_recent", "type": "cache_type"}
 _VARIANT_VALUES = {"kv_fusion": ("sum", "max"), "kv_group_reduce": ("sum", "max"),
                    "kv_granularity": ("head", "token")}
+
+
+def _cells(value: int | str, budget: int | None, minimum: int) -> int:
+    if isinstance(value, str):
+        num, den = window_share(value)
+        return max(minimum, (budget or 0) * num // den)
+    return int(value)
 
 
 def window_share(value: str) -> tuple[int, int]:
@@ -132,26 +147,33 @@ def window_share(value: str) -> tuple[int, int]:
 
 def resolve_policy(spec: str) -> Policy:
     """A policy by name, or a variant of a budgeted one: ``NAME:key=value[:key=value...]`` with keys
-    window (an integer, or a share of the budget: C/2, 3C/4), sinks, interval (integers), fusion, group (sum|max),
-    granularity (head|token) and keep (prompt or an integer: kv_keep, the prompt kept besides the budget)."""
+    window and recent (an integer, or a share of the budget: C/2, 3C/4), sinks, interval (integers), fusion, group
+    (sum|max), granularity (head|token), keep (prompt or an integer: kv_keep, the prompt kept besides the budget) and
+    type (the K/V cache type: f16, q8_0, q4_0, ...; the one setting the full cache takes too)."""
     name, *settings = [part.strip() for part in spec.split(":")]
     if name not in POLICIES:
         raise EvalError(f"unknown policy {name!r} (accepted: {', '.join(ALL_POLICIES)}, or NAME:key=value variants)")
     base = POLICIES[name]
     if not settings:
         return base
-    if not base.budgeted:
-        raise EvalError(f"policy {name!r} has no settings to vary (variants are for budgeted policies)")
     kv = dict(base.kv)
+    cache_type = base.cache_type
     for item in settings:
         key, sep, value = item.partition("=")
         if not sep or key not in VARIANT_KEYS:
             raise EvalError(f"bad policy setting {item!r} in {spec!r} (expected key=value with key one of "
                             f"{', '.join(VARIANT_KEYS)})")
         kv_key = VARIANT_KEYS[key]
-        if kv_key == "kv_keep" and value == "prompt":
+        if not base.budgeted and kv_key != "cache_type":
+            raise EvalError(f"policy {name!r} takes no setting {key!r} (only type=...; the others are for budgeted "
+                            f"policies)")
+        if kv_key == "cache_type":
+            if value not in CACHE_TYPES:
+                raise EvalError(f"bad type {value!r} in {spec!r} (accepted: {', '.join(CACHE_TYPES)})")
+            cache_type = value
+        elif kv_key == "kv_keep" and value == "prompt":
             kv[kv_key] = value
-        elif kv_key == "kv_window" and "c" in value.lower():
+        elif kv_key in ("kv_window", "kv_recent") and "c" in value.lower():
             window_share(value)  # raises with what is accepted
             kv[kv_key] = value.upper()
         elif kv_key in _VARIANT_VALUES:
@@ -163,10 +185,10 @@ def resolve_policy(spec: str) -> Policy:
                 kv[kv_key] = int(value)
             except ValueError:
                 raise EvalError(f"bad {key} {value!r} in {spec!r} (expected an integer)") from None
-            if kv[kv_key] < (0 if key in ("sinks", "keep") else 1):
+            if kv[kv_key] < (0 if key in ("sinks", "keep", "recent") else 1):
                 raise EvalError(f"bad {key} {value!r} in {spec!r} (too small)")
     return Policy(spec, kv, base.grows, base.native, f"{base.description}; variant {':'.join(settings)}",
-                  base.first_single)
+                  base.first_single, cache_type)
 
 
 def native_has_policy_keyword() -> bool:
@@ -209,12 +231,17 @@ def parse_policies(text: str | Iterable[str]) -> list[str]:
     return out
 
 
+def memory_matched_budget(budget: int, cache_type: str, bytes_per_cell: dict[str, int]) -> int:
+    """The cells of ``cache_type`` that fit the bytes of ``budget`` f16 cells (q8_0: ~1.88 C, q4_0: ~3.56 C)."""
+    return budget * bytes_per_cell["f16"] // bytes_per_cell[cache_type]
+
+
 def budget_problem(policy: Policy, budget: int, window: int) -> str | None:
     """Why the native code would refuse this budget, or None."""
-    window = policy.window(window, budget)
+    window = max(policy.window(window, budget), policy.recent(budget))
     if policy.budgeted and budget <= window + policy.sinks():
-        return (f"kv_budget {budget} must be greater than kv_window {window} + kv_sinks {policy.sinks()} "
-                f"(the budget includes the protected cells)")
+        return (f"kv_budget {budget} must be greater than the protected recent tokens {window} + kv_sinks "
+                f"{policy.sinks()} (the budget includes the protected cells)")
     return None
 
 
@@ -474,11 +501,16 @@ class Session:
             kw.update(kv_budget=budget, kv_window=window, kv_evict_interval=interval)
             kw.update(policy.kv)  # a variant's own window or interval wins
             kw["kv_window"] = policy.window(window, budget)
+            kw["kv_recent"] = policy.recent(budget) or "window"
+            kw["kv_sinks"] = policy.sinks()  # pinned: the library's defaults may change, a policy's settings do not
             if native_has_policy_keyword():
                 kw["kv_policy"] = policy.native
             elif policy.native != "morphkv":
                 raise EvalError(f"policy {policy.name} needs the kv_policy keyword, which the installed "
                                 f"llama-cpp-python lacks (rebuild the patched wheel)")
+        if policy.cache_type != "f16":
+            ggml_type = getattr(llama_cpp, f"GGML_TYPE_{policy.cache_type.upper()}")
+            kw.update(type_k=ggml_type, type_v=ggml_type)
         self.policy = policy
         self.budget = budget if policy.budgeted else None
         self.interval = int(policy.kv.get("kv_evict_interval", interval))
@@ -821,6 +853,7 @@ class EvalConfig:
     gpu_layers: int = 0                  # layers offloaded to the GPU (a CUDA build; 0: CPU only)
     jobs: int = 1                        # prompts evaluated at the same time, one process each
     prompts_file: Path = DATA_FILE
+    memory_matched: bool = False         # budgets are f16 cells; other cache types get the cells of the same bytes
 
     def validate(self) -> None:
         parse_policies(self.policies)
@@ -876,7 +909,7 @@ def _eval_prompt(*, model_path: Path, key: str, prompt: dict, head: str, runs_pl
     full.lp = None
     nll_full = full.nll
     runs = []
-    for policy, budget in runs_plan:
+    for policy, budget, matched in runs_plan:
         if policy.name == "full":
             res = full
         else:
@@ -888,7 +921,7 @@ def _eval_prompt(*, model_path: Path, key: str, prompt: dict, head: str, runs_pl
                 continue
         summary = summarize_tokens(res.kl, res.top1, res.nll, nll_full)
         run = {
-            "policy": policy.name, "budget": res.budget,
+            "policy": policy.name, "budget": res.budget, "cache_type": policy.cache_type, "matched_budget": matched,
             **{k: summary[k] for k in ("kl", "top1", "nll", "nll_full", "nll_ratio")},
             "bins": summary["bins"],
             "recall": [{k: r[k] for k in ("kind", "answer", "prob", "logprob", "exact")}
@@ -899,6 +932,8 @@ def _eval_prompt(*, model_path: Path, key: str, prompt: dict, head: str, runs_pl
             "memory_end_bytes": _memory_at(res.trace, len(seq.answer)),
             "memory_max_bytes": max(m for _, _, m in res.trace),
             "kv_bytes_allocated": int(res.info["kv_bytes"]), "n_cells": int(res.info["n_cells"]),
+            "aux_bytes": int(res.info.get("aux_bytes", 0)),
+            "held_bytes_end": _held_bytes(res, policy, len(seq.answer)),
             "n_used_end": int(res.info["n_used"]), "n_evictions": int(res.info["n_evictions"]),
             "evict_ms": round(float(res.info["t_evict_ms"]), 2),
             "seconds": round(res.seconds, 2), "pieces": res.pieces,
@@ -937,18 +972,23 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] | None = None) -> dict:
     tok_llm = vocab_llama(model_path)
     chat = ChatFormat(tok_llm)
 
-    runs_plan = []
+    runs_plan = []  # (policy, cells C, the f16 budget whose bytes C matches or None)
     skipped = []
+    bytes_per_cell = {}
+    if cfg.memory_matched:
+        shape = read_model_shape(model_path)
+        bytes_per_cell = {t: kv_bytes_per_token(shape, t) for t in {"f16"} | {p.cache_type for p in policies}}
     for p in policies:
         if not p.budgeted:
-            runs_plan.append((p, None))
+            runs_plan.append((p, None, None))
             continue
         for b in budgets:
-            why = budget_problem(p, b, cfg.window)
+            cells = memory_matched_budget(b, p.cache_type, bytes_per_cell) if cfg.memory_matched else b
+            why = budget_problem(p, cells, cfg.window)
             if why:
-                skipped.append({"policy": p.name, "budget": b, "reason": why})
+                skipped.append({"policy": p.name, "budget": cells, "reason": why})
             else:
-                runs_plan.append((p, b))
+                runs_plan.append((p, cells, b if cfg.memory_matched else None))
     for sk in skipped:
         log(f"skipping {sk['policy']} at budget {sk['budget']}: {sk['reason']}")
 
@@ -983,7 +1023,7 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] | None = None) -> dict:
         "model": str(model_path), "model_key": key,
         "config": {"policies": [p.name for p in policies], "budgets": budgets, "answer_tokens": cfg.answer_tokens,
                    "split": cfg.split, "n_prompts": len(prompts), "prompts_file": str(cfg.prompts_file),
-                   "window": cfg.window, "interval": cfg.interval,
+                   "window": cfg.window, "interval": cfg.interval, "memory_matched": cfg.memory_matched,
                    "n_ubatch": cfg.n_ubatch, "threads": threads, "jobs": cfg.jobs,
                    "gpu_layers": cfg.gpu_layers, "backend": _backend_name(cfg.gpu_layers), "seed": cfg.seed, "quick": cfg.quick,
                    "sampling": SAMPLING, "n_bins": N_BINS,
@@ -996,6 +1036,15 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] | None = None) -> dict:
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     return doc
+
+
+def _held_bytes(res: "RunResult", policy: Policy, n_answer: int) -> int:
+    """KV bytes of the cells a policy holds at the end of the answer: C for a constant cache (its buffer also holds
+    the interval's cells and llama.cpp's padding to 256), the cells in use for one that grows."""
+    per_cell = res.info["kv_bytes"] / res.info["n_cells"]
+    if res.budget is not None and not policy.grows:
+        return int(round((res.budget + int(res.info.get("n_kept", 0))) * per_cell))
+    return _memory_at(res.trace, n_answer)
 
 
 def _mean_or_none(values: list) -> float | None:
@@ -1035,6 +1084,9 @@ def aggregate(prompts: list[dict]) -> list[dict]:
             "recall_exact": _mean_or_none([x["exact"] for r in runs for x in r["recall"]]),
             "recall_prob": _mean_or_none([x["prob"] for r in runs for x in r["recall"]]),
             "memory_end_bytes": float(np.mean([r["memory_end_bytes"] for r in runs])),
+            "aux_bytes": float(np.mean([r.get("aux_bytes", 0) for r in runs])),
+            "held_bytes_end": float(np.mean([r.get("held_bytes_end", r["memory_end_bytes"]) for r in runs])),
+            "cache_type": runs[0].get("cache_type", "f16"), "matched_budget": runs[0].get("matched_budget"),
             "memory_max_bytes": float(np.max([r["memory_max_bytes"] for r in runs])),
             "n_evictions": float(np.mean([r["n_evictions"] for r in runs])),
             "seconds": float(np.sum([r["seconds"] for r in runs])),
@@ -1085,16 +1137,18 @@ def markdown_report(doc: dict) -> str:
         "share of facts (pass key, name, number) whose answer tokens are all the argmax after the question (= greedy "
         "decoding reproduces them), P = mean probability of the answer tokens; KV MiB = KV cache bytes held at the "
         "end of the answer, from kv_budget_info() (budgeted caches: the whole constant buffer; full and SnapKV: the "
-        "cells in use).",
+        "cells in use); aux MiB = the buffers a budget adds (the query window of the last W tokens' queries, "
+        "H2O's scores), also constant.",
         "",
-        "| policy | budget | KL | top-1 | NLL ratio | recall EM | recall P | KV MiB | evictions |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| policy | budget | KL | top-1 | NLL ratio | recall EM | recall P | KV MiB | aux MiB | evictions |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in doc["summary"]:
         em = "-" if r["recall_exact"] is None else f"{r['recall_exact']:.2f}"
         pr = "-" if r["recall_prob"] is None else f"{r['recall_prob']:.3f}"
         lines.append(f"| {r['policy']} | {r['budget'] or '-'} | {r['kl']:.4f} | {r['top1']:.3f} | "
-                     f"{r['nll_ratio']:.3f} | {em} | {pr} | {_mib(r['memory_end_bytes'])} | {r['n_evictions']:.0f} |")
+                     f"{r['nll_ratio']:.3f} | {em} | {pr} | {_mib(r['memory_end_bytes'])} | {_mib(r.get('aux_bytes', 0))} | "
+                     f"{r['n_evictions']:.0f} |")
     if doc["summary"]:
         bins = doc["summary"][0]["bins"]
         lines += ["", "KL per position bin of the answer (tokens):", "",
@@ -1103,6 +1157,7 @@ def markdown_report(doc: dict) -> str:
         for r in doc["summary"]:
             lines.append(f"| {r['policy']} | {r['budget'] or '-'} | "
                          + " | ".join(f"{b['kl']:.4f}" for b in r["bins"]) + " |")
+    lines += _equal_memory_table(doc)
     if doc["skipped"]:
         lines += ["", "Skipped:", ""]
         for s in doc["skipped"]:
@@ -1112,6 +1167,57 @@ def markdown_report(doc: dict) -> str:
     for name, ps in c["policy_settings"].items():
         lines.append(f"* {name}: {ps['description']} {ps['kv'] or ''}".rstrip())
     return "\n".join(lines) + "\n"
+
+
+def _compares_memory(doc: dict) -> bool:
+    return bool(doc["config"].get("memory_matched")) or len({r.get("cache_type", "f16") for r in doc["summary"]}) > 1
+
+
+def _equal_memory_table(doc: dict) -> list[str]:
+    """Policies and cache types side by side at equal KV bytes (a --memory-matched run, or several types)."""
+    if not _compares_memory(doc):
+        return []
+    full = [r for r in doc["summary"] if r["policy"] == "full"]
+    full_bytes = full[0]["held_bytes_end"] if full else None
+    lines = ["", "## Equal KV memory", "",
+             "Budgets are counted in f16 cells; a run in another cache type holds the cells that fit the same bytes "
+             "(q8_0 about 1.9 C, q4_0 about 3.6 C). Held MiB = the K/V bytes of the cells a constant cache holds (C, and "
+             "a kept prompt; its buffer adds the eviction interval's cells and llama.cpp's padding to 256, the KV MiB "
+             "above); for a cache that grows, the cells in use at the end. Share = held / the full f16 cache's bytes "
+             "at the end of the answer.", "",
+             "| f16 budget | policy | type | cells C | held MiB | share of full | KL | NLL ratio | top-1 | recall EM |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = sorted(doc["summary"], key=lambda r: (r.get("matched_budget") or r["budget"] or 0, r["held_bytes_end"]))
+    for r in rows:
+        em = "-" if r["recall_exact"] is None else f"{r['recall_exact']:.2f}"
+        share = f"{r['held_bytes_end'] / full_bytes:.3f}" if full_bytes else "-"
+        lines.append(f"| {r.get('matched_budget') or r['budget'] or '-'} | {r['policy']} | {r.get('cache_type', 'f16')} | "
+                     f"{r['budget'] or '-'} | {_mib(r['held_bytes_end'])} | {share} | {r['kl']:.4f} | "
+                     f"{r['nll_ratio']:.3f} | {r['top1']:.3f} | {em} |")
+    return lines
+
+
+def _plot_memory(doc: dict, plt) -> "object":
+    """KL and NLL ratio vs the KV bytes held, one line per budgeted policy, a marker per full cache."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = [n for n in doc["config"]["policies"] if any(r["policy"] == n for r in doc["summary"])]
+    for n in names:
+        rows = sorted((r for r in doc["summary"] if r["policy"] == n), key=lambda r: r["held_bytes_end"])
+        budgeted = rows[0]["budget"] is not None
+        for ax, key in zip(axes, ("kl", "nll_ratio")):
+            ax.plot([r["held_bytes_end"] / 2**20 for r in rows], [r[key] for r in rows], label=n,
+                    marker="o" if budgeted else "*", markersize=5 if budgeted else 11,
+                    linestyle="-" if budgeted else "none")
+    for ax, label in zip(axes, ("mean KL(full || policy) per token", "NLL ratio (policy / full f16)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("KV MiB held at the end of the answer")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("Fidelity vs KV memory")
+    axes[1].set_title("NLL ratio vs KV memory")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def plot_results(doc: dict, out_dir: Path) -> list[Path]:
@@ -1124,7 +1230,7 @@ def plot_results(doc: dict, out_dir: Path) -> list[Path]:
     paths = []
     summary = doc["summary"]
     budgeted = [r for r in summary if r["budget"] is not None]
-    names = [n for n in ALL_POLICIES if any(r["policy"] == n for r in budgeted)]
+    names = [n for n in doc["config"]["policies"] if any(r["policy"] == n for r in budgeted)]
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for n in names:
@@ -1184,6 +1290,12 @@ def plot_results(doc: dict, out_dir: Path) -> list[Path]:
     paths.append(out_dir / "memory_vs_length.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
+
+    if _compares_memory(doc):
+        fig = _plot_memory(doc, plt)
+        paths.append(out_dir / "kl_vs_memory.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     return paths
 
 

@@ -26,10 +26,10 @@ model="$("$root/.venv/bin/python" -c 'from morphkv_gguf.models import default_mo
 rm -f "$root/.gpu"/*.part.* "$root/.gpu/llama-prev-src.tar.xz"
 split -n 4 -d "$model" "$root/.gpu/model.part."
 sha256sum < "$model" | cut -d' ' -f1 > "$root/.gpu/model.sha256"
-# MORPHKV_GPU_MODELS="gemma3-270m": a second real model in pieces of 60 MiB (one per run beside the rest)
+# MORPHKV_GPU_MODELS="gemma3-270m": a second real model in pieces of 48 MiB (one per run beside the rest)
 for name in ${MORPHKV_GPU_MODELS:-}; do
     path="$("$root/.venv/bin/python" -c "from morphkv_gguf.models import resolve_model; print(resolve_model('$name'))")"
-    split -b 60M -d "$path" "$root/.gpu/$name.part."
+    split -b 48M -d "$path" "$root/.gpu/$name.part."
     sha256sum < "$path" | cut -d' ' -f1 > "$root/.gpu/$name.sha256"
 done
 # MORPHKV_PREV_TREE=DIR: the files of DIR that differ from the current patched tree, for a same-machine A/B

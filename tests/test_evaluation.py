@@ -128,11 +128,64 @@ def test_policy_variants():
     assert v.kv["kv_granularity"] == "head"                        # the rest from the base policy
     assert ev.budget_problem(v, 68, 32) and ev.budget_problem(v, 69, 32) is None   # its own window counts
     assert ev.parse_policies("full,morphkv:sinks=4") == ["full", "morphkv:sinks=4"]
-    for bad, why in (("morphkv:win=3", "key one of window"), ("full:window=8", "no settings to vary"),
+    for bad, why in (("morphkv:win=3", "key one of window"), ("full:window=8", "takes no setting 'window'"),
                      ("morphkv:fusion=avg", "accepted: sum, max"), ("morphkv:window=x", "an integer"),
                      ("morphkv:window=0", "too small"), ("lru:window=8", "unknown policy")):
         with pytest.raises(ev.EvalError, match=why):
             ev.resolve_policy(bad)
+
+
+
+def test_window_and_recent_as_a_share_of_the_budget():
+    v = ev.resolve_policy("morphkv-max:window=32:recent=3C/4:sinks=4")
+    assert (v.window(16, 256), v.recent(256), v.recent(64)) == (32, 192, 48)
+    assert ev.resolve_policy("morphkv:window=c/2").window(32, 128) == 64
+    assert ev.budget_problem(v, 64, 32) is None                      # 48 recent + 4 sinks < 64
+    assert "protected recent tokens 64" in ev.budget_problem(ev.resolve_policy("morphkv:recent=64"), 64, 32)
+    assert ev.resolve_policy("morphkv").recent(256) == 0               # 0: the window alone
+    d = ev.POLICIES["morphkv-default"]                                 # the library's defaults, pinned
+    assert (d.kv["kv_fusion"], d.kv["kv_sinks"], d.recent(512)) == ("max", 4, 384)
+    for bad in ("morphkv:window=C/1", "morphkv:recent=5C/4", "morphkv:window=xC", "morphkv:recent=0C/2"):
+        with pytest.raises(ev.EvalError, match="a share of the budget below 1"):
+            ev.resolve_policy(bad)
+
+
+def test_cache_type_variants_and_memory_matched_budgets(model_path):
+    full_q8 = ev.resolve_policy("full:type=q8_0")
+    assert (full_q8.cache_type, full_q8.budgeted, full_q8.kv) == ("q8_0", False, {})
+    assert ev.resolve_policy("streaming:type=q4_0:sinks=2").cache_type == "q4_0"
+    assert ev.POLICIES["morphkv"].cache_type == "f16"
+    with pytest.raises(ev.EvalError, match="accepted: f32, f16"):
+        ev.resolve_policy("full:type=q3_k")
+    # SmolLM2: 30 layers x 3 KV heads x 64 values for K and V; q8_0 stores 32 values in 34 bytes, q4_0 in 18
+    shape = ev.read_model_shape(model_path)
+    per_cell = {t: ev.kv_bytes_per_token(shape, t) for t in ("f16", "q8_0", "q4_0")}
+    assert per_cell == {"f16": 30 * 2 * 3 * 64 * 2, "q8_0": 30 * 2 * 3 * 2 * 34, "q4_0": 30 * 2 * 3 * 2 * 18}
+    assert ev.memory_matched_budget(256, "f16", per_cell) == 256
+    assert ev.memory_matched_budget(256, "q8_0", per_cell) == 481        # 256 * 64 / 34
+    assert ev.memory_matched_budget(256, "q4_0", per_cell) == 910        # 256 * 64 / 18
+    for t in ("q8_0", "q4_0"):
+        assert ev.memory_matched_budget(256, t, per_cell) * per_cell[t] <= 256 * per_cell["f16"]
+
+
+def test_memory_matched_eval(model_path, tmp_path):
+    """f16 at C and q8_0 at the cells of the same bytes, in one run: the table and plot of equal memory."""
+    cfg = ev.EvalConfig(model=model_path, policies=["full", "full:type=q8_0", "streaming", "streaming:type=q8_0"],
+                        budgets=[64], answer_tokens=80, split="dev", n_prompts=1, window=16, interval=16, threads=1,
+                        cache_dir=tmp_path / "cache", memory_matched=True)
+    doc = ev.run_eval(cfg, log=lambda s: None)
+    runs = {r["policy"]: r for r in doc["prompts"][0]["runs"]}
+    f16, q8 = runs["streaming"], runs["streaming:type=q8_0"]
+    assert (f16["budget"], f16["cache_type"], q8["budget"], q8["cache_type"]) == (64, "f16", 120, "q8_0")
+    assert f16["matched_budget"] == q8["matched_budget"] == 64 and runs["full"]["matched_budget"] is None
+    assert q8["n_evictions"] > 0 and q8["held_bytes_end"] <= f16["held_bytes_end"]
+    assert q8["kv_bytes_allocated"] / q8["n_cells"] == pytest.approx(f16["kv_bytes_allocated"] / f16["n_cells"] * 34 / 64)
+    # quantising the full cache alone costs little, and fewer bytes
+    assert runs["full:type=q8_0"]["kl"] < 0.05 and runs["full:type=q8_0"]["held_bytes_end"] < runs["full"]["held_bytes_end"]
+    paths = ev.write_outputs(doc, tmp_path / "out")
+    md = paths["markdown"].read_text()
+    assert "## Equal KV memory" in md and "| 64 | streaming:type=q8_0 | q8_0 | 120 |" in md
+    assert paths["kl_vs_memory"].read_bytes()[:4] == b"\x89PNG"
 
 
 # --- prompts -------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def test_cli_budget_not_above_the_window_is_one_line_error():
     result = CliRunner().invoke(main, ["generate", "hi", "--kv-budget", "32"])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
-        "Error: kv_budget (32) must be greater than kv_window (32) + kv_sinks (0): the budget includes the "
+        "Error: kv_budget (32) must be greater than kv_window (32) + kv_sinks (4): the budget includes the "
         "protected recent window and sinks"]
 
 

@@ -16,6 +16,8 @@ PROMPT = "Write a long story about a lighthouse keeper who records every passing
 
 def _llm(model_path, **kwargs) -> Llama:
     kwargs.setdefault("n_ctx", 2048)
+    if kwargs.get("kv_budget"):
+        kwargs.setdefault("kv_preset", "paper")  # the references below are written for the paper's settings
     # MORPHKV_TEST_GPU_LAYERS=99 runs the same checks with the layers (and the cache) on the GPU
     kwargs.setdefault("n_gpu_layers", int(os.environ.get("MORPHKV_TEST_GPU_LAYERS", "0")))
     return Llama(model_path=str(model_path), n_threads=2, seed=1, verbose=False, **kwargs)

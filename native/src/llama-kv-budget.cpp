@@ -53,6 +53,13 @@ static const char * kv_policy_name(int v) {
     throw std::runtime_error("kv_budget: " + msg);
 }
 
+// kv_recent = 0: 3C/4 recent tokens protected (W of them score the rest), measured on the dev prompts of SmolLM2-135M
+// and Gemma 3 270M against C/2 and 7C/8 (docs/evaluation.md); the sinks and one scored cell stay in the budget
+static uint32_t kv_budget_auto_recent(uint32_t budget, uint32_t sinks) {
+    const uint32_t r = (uint32_t) ((uint64_t) budget * 3 / 4);
+    return budget > sinks + 1 ? std::min(r, budget - sinks - 1) : 0;
+}
+
 // kv_evict_interval = 0: budget/8 (one eviction per C/8 tokens: fewer for large budgets), at least 64 and at
 // most n_ubatch, so that the cache (budget + max(interval, n_ubatch) cells) is no larger than with 64; H2O keeps
 // 64, since its query ring holds every query since the last eviction
@@ -80,6 +87,10 @@ void llama_kv_budget_configure(const llama_model & model, const llama_context_pa
     if (params.kv_budget <= params.kv_window + params.kv_sinks) {
         kv_budget_fail(format("kv_budget (%u) must be greater than kv_window (%u) + kv_sinks (%u): the budget includes "
                 "the protected recent window and sinks", params.kv_budget, params.kv_window, params.kv_sinks));
+    }
+    if (params.kv_budget <= params.kv_recent + params.kv_sinks) {
+        kv_budget_fail(format("kv_budget (%u) must be greater than kv_recent (%u) + kv_sinks (%u): the budget includes "
+                "the protected recent tokens and sinks", params.kv_budget, params.kv_recent, params.kv_sinks));
     }
     for (const auto & [name, value] : { std::make_pair("kv_fusion", (int) params.kv_fusion),
                                         std::make_pair("kv_group_reduce", (int) params.kv_group_reduce) }) {
@@ -134,6 +145,7 @@ void llama_kv_budget_configure(const llama_model & model, const llama_context_pa
                       kv_budget_auto_interval(params.kv_budget, cparams.n_ubatch, params.kv_policy);
     kb.sinks        = params.kv_sinks;
     kb.keep         = params.kv_keep;
+    kb.recent       = params.kv_recent ? params.kv_recent : kv_budget_auto_recent(params.kv_budget, params.kv_sinks);
     kb.fusion       = params.kv_fusion;
     kb.group_reduce = params.kv_group_reduce;
     kb.granularity  = params.kv_granularity;
@@ -151,9 +163,10 @@ void llama_kv_budget_configure(const llama_model & model, const llama_context_pa
                 "budget bounds the memory of every layer)\n", __func__);
     }
 
-    LLAMA_LOG_INFO("%s: KV budget: policy %s, %u cells kept (window %u, sinks %u), prompt kept %u, eviction every %u tokens%s, "
-            "fusion %s, group %s, granularity %s -> %u cells allocated per sequence (%u sequences)\n", __func__, kv_policy_name(kb.policy),
-            kb.budget, kb.window, kb.sinks, kb.keep, kb.interval, params.kv_evict_interval ? "" : " (auto)", kv_fusion_name(kb.fusion),
+    LLAMA_LOG_INFO("%s: KV budget: policy %s, %u cells kept (window %u, recent %u%s, sinks %u), prompt kept %u, eviction every %u "
+            "tokens%s, fusion %s, group %s, granularity %s -> %u cells allocated per sequence (%u sequences)\n", __func__,
+            kv_policy_name(kb.policy), kb.budget, kb.window, kb.n_recent(), params.kv_recent ? "" : " (auto)", kb.sinks, kb.keep, kb.interval,
+            params.kv_evict_interval ? "" : " (auto)", kv_fusion_name(kb.fusion),
             kv_fusion_name(kb.group_reduce), kv_granularity_name(kb.granularity), kb.n_cells ? kb.n_cells : cparams.n_ctx,
             std::max(1u, params.n_seq_max));
 }
@@ -977,7 +990,7 @@ void llama_kv_budget_evict::plan_cells() {
         }
         const llama_pos pos = cells.pos_get(i);
         const bool composite = S.comp_cell_pos[i] >= 0;
-        if (!composite && (pos > pos_max - (llama_pos) p.window || pos < (llama_pos) p.sinks || S.keep.kept(pos))) {
+        if (!composite && (pos > pos_max - (llama_pos) p.n_recent() || pos < (llama_pos) p.sinks || S.keep.kept(pos))) {
             row[i] = ninf;
             prot.emplace_back(pos, i);
         } else if (streaming) {
@@ -985,7 +998,7 @@ void llama_kv_budget_evict::plan_cells() {
         }
     }
     std::sort(prot.begin(), prot.end());
-    GGML_ASSERT(prot.size() < n_keep); // configure: budget > window + sinks; the kept prompt is counted in n_keep
+    GGML_ASSERT(prot.size() < n_keep); // configure: budget > recent + sinks; the kept prompt is counted in n_keep
     for (uint32_t r = 0; r < prot.size(); ++r) {
         bias[prot[r].second] = KV_BUDGET_PROTECTED_BIAS + (float) r;
     }
@@ -1713,6 +1726,7 @@ static void kv_budget_fill_info(const llama_kv_cache & kv, const llama_kv_cache 
         info->kv_window       = p.window;
         info->kv_sinks        = p.sinks;
         info->kv_keep         = p.keep;
+        info->kv_recent       = p.n_recent();
         info->kv_fusion       = p.fusion;
         info->kv_group_reduce = p.group_reduce;
         info->kv_granularity  = p.granularity;

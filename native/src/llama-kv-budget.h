@@ -33,6 +33,7 @@ struct llama_kv_budget_params {
     uint32_t interval = 64;  // S: tokens that may accumulate beyond C before the next eviction
     uint32_t sinks    = 0;   // first tokens, never evicted
     uint32_t keep     = 0;   // K: the user's prompt tokens kept besides the C cells (llama_kv_budget_keep)
+    uint32_t recent   = 0;   // R: most recent tokens never evicted when more than W (only W of them score)
 
     llama_kv_fusion      fusion       = LLAMA_KV_FUSION_SUM;
     llama_kv_fusion      group_reduce = LLAMA_KV_FUSION_SUM;
@@ -42,6 +43,9 @@ struct llama_kv_budget_params {
     uint32_t n_cells = 0;    // physical cells of the cache (0: n_ctx, for SnapKV, whose cache grows)
 
     bool enabled() const { return budget > 0; }
+
+    // the most recent tokens an eviction protects: the scoring window, or more (kv_recent)
+    uint32_t n_recent() const { return std::max(window, recent); }
 
     // an eviction is due with n_used cells in use: C + S of them, besides the n_kept prompt cells kept
     bool full(uint32_t n_used, uint32_t n_kept) const { return n_used >= budget + n_kept + interval; }
