@@ -124,6 +124,31 @@ def test_per_head_selection_keeps_window_and_budget(model_path, fusion):
     assert differ, "with per-head granularity some heads must keep different tokens"
 
 
+@pytest.mark.parametrize("preset", ["paper", "measured"])
+def test_an_eviction_moves_only_the_rows_that_change(model_path, preset):
+    """Per head, a kept token stays in its cell: an eviction of `interval` tokens changes at most the cells of
+    the protected tokens that arrived and of the rows the head drops (about 2 x interval of the budget's cells),
+    and the protected tokens take the cells of those that left the recent window, the same in every head."""
+    budget, interval = 96, 16
+    kwargs = {"kv_preset": "paper", "kv_window": 16} if preset == "paper" else {"kv_preset": "measured"}
+    llm = _llm(model_path, kv_budget=budget, kv_evict_interval=interval, **kwargs)
+    n_layer = llm.kv_budget_info()["n_layer"]
+    checked = 0
+
+    def check(snap):
+        nonlocal checked
+        n_evicted = snap["n_used"] - budget
+        after = [llm.kv_budget_positions(il) for il in range(n_layer)]
+        for il in range(n_layer):
+            for h, (before, now) in enumerate(zip(snap["positions"][il], after[il])):
+                changed = int((before[:budget] != now[:budget]).sum())
+                assert changed <= 2 * n_evicted, f"layer {il} head {h}: {changed} of {budget} cells changed"
+        checked += 1
+
+    _check_evictions(llm, budget, interval, 3, lambda snap: check(snap))
+    assert checked == 3
+
+
 def test_token_granularity_keeps_one_choice_for_all_heads(model_path):
     llm = _llm(model_path, kv_budget=96, kv_window=16, kv_evict_interval=32, kv_granularity="token")
     _generate(llm, 300)
@@ -176,7 +201,7 @@ def test_native_refusal_does_not_crash(model_path):
 
 def _snapshot(llm: Llama) -> dict:
     n_layer = llm.kv_budget_info()["n_layer"]
-    return {"n_evictions": llm.kv_budget_info()["n_evictions"],
+    return {"n_evictions": llm.kv_budget_info()["n_evictions"], "n_used": llm.kv_budget_info()["n_used"],
             "layers": [llm.kv_budget_layer_state(il) for il in range(n_layer)],
             "positions": [llm.kv_budget_positions(il) for il in range(n_layer)]}
 
@@ -437,6 +462,7 @@ def _check_against_reference(llm, snapshot, budget, window, granularity, n_head_
 
     n_swapped = n_compared = 0
     native = []
+    prot_at: dict[int, list[int]] = {}  # per layer: the cells holding the protected tokens
     for il, scores in enumerate(all_scores):
         kept = policies.select_per_head(scores, classes, budget)
         layer_cells = []
@@ -445,11 +471,17 @@ def _check_against_reference(llm, snapshot, budget, window, granularity, n_head_
             for c, p in enumerate(snapshot["positions"][il][h]):
                 if p >= 0:
                     pos_to_cell.setdefault(p, c)
+            # cell r of the head after the eviction holds the token of snapshot cell nat_cells[r]
             nat_cells = np.array([pos_to_cell[p] for p in after[il][h][:budget].tolist()])
             layer_cells.append(nat_cells)
-            # protected cells first, newest first, identical in every head
-            assert np.array_equal(nat_cells[:n_prot], kept[h][:n_prot])
-            ok, n_diff = allowed_swaps(scores[h], kept[h][n_prot:], nat_cells[n_prot:])
+            assert len(set(nat_cells.tolist())) == budget
+            # every protected cell is kept, in the same cell in every head
+            prot_cells = np.flatnonzero(classes.protected)
+            assert set(prot_cells.tolist()) <= set(nat_cells.tolist())
+            where = {c: r for r, c in enumerate(nat_cells.tolist())}
+            prot_at.setdefault(il, [where[c] for c in prot_cells])
+            assert [where[c] for c in prot_cells] == prot_at[0]
+            ok, n_diff = allowed_swaps(scores[h], kept[h][n_prot:], nat_cells[~classes.protected[nat_cells]])
             assert ok, f"layer {il} head {h}: selection differs beyond ties ({n_diff} cells)"
             n_swapped += n_diff
             n_compared += budget
