@@ -722,6 +722,7 @@ public:
         GGML_UNUSED(ubatch);
         set(mask, mask_data);
         set(bias, bias_data);
+        set(cand, cand_data);
         set(evictable, evictable_data);
         set(src, src_data);
         set(dst, dst_data);
@@ -731,6 +732,7 @@ public:
 
     ggml_tensor * mask  = nullptr; // F32 [n_kv, n_rows]: 0 for the cells a query row scores, -inf otherwise
     ggml_tensor * bias  = nullptr; // F32 [n_kv, 1]: 0 evictable (streaming: recency), BIG + rank protected, -inf empty
+    ggml_tensor * cand  = nullptr; // per head: I32 [n_cand]: the evictable cells, the only ones ordered
     ggml_tensor * src   = nullptr; // I32 [n_moves, rows of all layers]: per (layer, KV head), the cells whose rows move
     ggml_tensor * dst   = nullptr; // I64 [n_moves, rows of all layers]: where they go (padding: a cell onto itself)
     ggml_tensor * row_w = nullptr; // F32 [1, n_rows]: 1 for a row that scores (H2O: the queries since the last
@@ -740,6 +742,7 @@ public:
 
     std::vector<float>   mask_data;
     std::vector<float>   bias_data;
+    std::vector<int32_t> cand_data;
     std::vector<int32_t> src_data;
     std::vector<int64_t> dst_data;
     std::vector<float>   row_w_data;
@@ -824,8 +827,9 @@ ggml_tensor * kv_budget_heads_view(ggml_context * ctx, ggml_tensor * t, int64_t 
 
 } // namespace
 
-// the protected cells (recent tokens, sinks, the kept prompt) get scores above any attention score, so that
-// every head keeps them (increasing with their position: the order is deterministic)
+// per token, the protected cells (recent tokens, sinks, the kept prompt) get scores above any attention score, so
+// that they are kept (increasing with their position: the order is deterministic); per head only the evictable
+// cells are ordered
 static constexpr float KV_BUDGET_PROTECTED_BIAS = 1e6f;
 
 // one row move of one (layer, KV head): the row of cell src goes to cell dst
@@ -882,6 +886,8 @@ private:
     bool per_head; // every KV head keeps its own cells (composite cells); else cells are freed for all heads
 
     std::vector<std::pair<llama_pos, uint32_t>> prot; // protected cells (pos, cell), oldest first
+    std::vector<uint32_t> cand;                       // evictable cells, in cell order
+    uint32_t n_sel = 0;                               // per head: the evictable cells it keeps (C - protected)
     std::vector<float> row;                           // mask row of MorphKV/SnapKV: 0 evictable, -inf otherwise
     std::vector<size_t> row_off;                      // per head: each layer's first row of the order
 
@@ -1011,6 +1017,13 @@ void llama_kv_budget_evict::plan_cells() {
     }
     std::sort(prot.begin(), prot.end());
     GGML_ASSERT(prot.size() < n_keep); // configure: budget > recent + sinks; the kept prompt is counted in n_keep
+    n_sel = n_keep - prot.size();
+    for (uint32_t i = 0; i < n_kv; ++i) {
+        if (!std::isinf(row[i])) {
+            cand.push_back(i);
+        }
+    }
+    inp_host->cand_data.assign(cand.begin(), cand.end());
     for (uint32_t r = 0; r < prot.size(); ++r) {
         bias[prot[r].second] = KV_BUDGET_PROTECTED_BIAS + (float) r;
     }
@@ -1146,10 +1159,13 @@ void llama_kv_budget_evict::build_order(ggml_context * ctx, ggml_cgraph * gf, ll
         return;
     }
 
-    ggml_tensor * order = ggml_argsort(ctx, ggml_add(ctx, kv_budget_concat_rows(ctx, per_layer), inp->bias), GGML_SORT_ORDER_DESC);
+    // every head keeps the protected cells: only the evictable ones (the same for every head) are ordered
+    ggml_tensor * all = ggml_cont(ctx, ggml_transpose(ctx, kv_budget_concat_rows(ctx, per_layer))); // [heads, n_kv]
+    ggml_tensor * ev  = ggml_cont(ctx, ggml_transpose(ctx, ggml_get_rows(ctx, all, inp->cand)));    // [n_cand, heads]
+    ggml_tensor * order = ggml_argsort(ctx, ev, GGML_SORT_ORDER_DESC);
     ggml_build_forward_expand(gf, ggml_cpy(ctx,
-            ggml_view_2d(ctx, order,       n_keep, order->ne[1], order->nb[1],       0),
-            ggml_view_2d(ctx, B.order_sel, n_keep, order->ne[1], B.order_sel->nb[1], 0)));
+            ggml_view_2d(ctx, order,       n_sel, order->ne[1], order->nb[1],       0),
+            ggml_view_2d(ctx, B.order_sel, n_sel, order->ne[1], B.order_sel->nb[1], 0)));
 }
 
 // per (layer, KV head): its rows (and H2O's accumulated scores) of inp->src's cells to inp->dst's; every
@@ -1217,8 +1233,13 @@ ggml_cgraph * llama_kv_budget_evict::build_graph(kv_evict_graph kind) {
     if (order && h2o) {
         new_input(inp->old, n_kv, 1, GGML_TYPE_F32);
     }
-    if (order) {
+    if (order && per_head) {
+        new_input(inp->cand, (int64_t) cand.size(), 1, GGML_TYPE_I32);
+    }
+    if (order && !per_head) {
         new_input(inp->bias, n_kv, 1, GGML_TYPE_F32);
+    }
+    if (order) {
         build_order(ctx, gf, inp.get());
     } else {
         new_input(inp->src, n_moves_max, row_off.back(), GGML_TYPE_I32);
@@ -1299,14 +1320,14 @@ void llama_kv_budget_evict::claim_cells() {
     }
     std::sort(incoming.begin(), incoming.end());
 
-    // heads keeping each cell (the protected cells, every head's first ones, aside)
-    const uint32_t n_prot = prot.size();
+    // heads keeping each evictable cell
     std::vector<uint32_t> n_kept_by(n_keep, 0);
     for (size_t r = 0; r < row_off.back(); ++r) {
         const int32_t * sel = orders_host + r*order_stride;
-        for (uint32_t j = n_prot; j < n_keep; ++j) {
-            if ((uint32_t) sel[j] < n_keep) {
-                n_kept_by[sel[j]]++;
+        for (uint32_t j = 0; j < n_sel; ++j) {
+            const uint32_t c = cand[std::min<uint32_t>(sel[j], cand.size() - 1)];
+            if (c < n_keep) {
+                n_kept_by[c]++;
             }
         }
     }
@@ -1354,22 +1375,16 @@ void llama_kv_budget_evict::plan_moves() {
         }
     }
 
-    // per head, its first n_prot cells are the protected ones (their bias is above any score), the others it keeps
-    // are marked and matched against those two lists
-    const uint32_t n_prot = prot.size();
+    // per head, the evictable cells it keeps (indices into cand) are marked and matched against those two lists
     std::vector<uint8_t> kept(n_kv, 0);
     std::vector<uint8_t> hit(n_keep, 0); // cells [0, C) some head writes
     std::vector<uint32_t> from, holes;
     bool bad = false;
     for (size_t r = 0; r < n_heads; ++r) {
         const int32_t * sel = orders_host + r*order_stride;
-        for (uint32_t j = 0; j < n_prot; ++j) {
-            bad |= (uint32_t) sel[j] >= n_kv || !is_prot[sel[j]];
-        }
-        for (uint32_t j = n_prot; j < n_keep; ++j) {
-            const uint32_t c = std::min<uint32_t>(sel[j], n_kv - 1);
-            bad |= (uint32_t) sel[j] >= n_kv || is_prot[c] || cells.is_empty(c);
-            kept[c] = 1;
+        for (uint32_t j = 0; j < n_sel; ++j) {
+            bad |= (uint32_t) sel[j] >= cand.size();
+            kept[cand[std::min<uint32_t>(sel[j], cand.size() - 1)]] = 1;
         }
         from.clear();
         holes.clear();
@@ -1395,11 +1410,11 @@ void llama_kv_budget_evict::plan_moves() {
         }
         n_moves_max = std::max<uint32_t>(n_moves_max, mv.size());
         n_moved += mv.size();
-        for (uint32_t j = n_prot; j < n_keep; ++j) {
-            kept[std::min<uint32_t>(sel[j], n_kv - 1)] = 0;
+        for (uint32_t j = 0; j < n_sel; ++j) {
+            kept[cand[std::min<uint32_t>(sel[j], cand.size() - 1)]] = 0;
         }
     }
-    GGML_ASSERT(!bad && "the eviction selected an empty cell or dropped a protected one");
+    GGML_ASSERT(!bad && "the eviction's order is not one of the evictable cells");
 
     touched.clear();
     for (const auto & cc : claims) {
