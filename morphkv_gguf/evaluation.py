@@ -34,6 +34,7 @@ import numpy as np
 
 from .gguf_info import KV_CACHE_TYPES as CACHE_TYPES, kv_bytes_per_token, read_model_shape
 from .models import resolve_model
+from .workers import worker_init
 
 DATA_FILE = Path(__file__).parent / "data" / "eval_prompts.json"
 DEFAULT_CACHE_DIR = Path(os.environ.get("MORPHKV_EVAL_CACHE", Path.home() / ".cache" / "morphkv-gguf" / "eval"))
@@ -1012,7 +1013,7 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] | None = None) -> dict:
         # llama_cpp is imported before the tasks (and numpy with them): with a CUDA libllama from
         # LLAMA_CPP_LIB_PATH, numpy imported first crashed the library's load on the GPU machine
         with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
-                                    initializer=importlib.import_module, initargs=("llama_cpp",)) as pool:
+                                    initializer=worker_init) as pool:
             futures = {pool.submit(_eval_prompt_worker, task): pi for pi, task in enumerate(tasks)}
             for fut in cf.as_completed(futures):
                 doc_prompts[futures[fut]], failed = fut.result()
