@@ -13,11 +13,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cinttypes>
 #include <cstring>
 #include <limits>
 #include <map>
 #include <stdexcept>
+#include <thread>
 
 //
 // configuration
@@ -311,10 +311,11 @@ void llama_kv_cache::budget_init(const llama_kv_budget_params & params) {
         B.kq_scale.push_back(1.0f/sqrtf((float) hparams.n_embd_head_k(layer.il))); // until build_attn says
     }
 
-    // the kept cells of every (layer, KV head), read back after the eviction's first graph: with the last layer's
-    // K, which is on the GPU whenever any layer is (partial offload keeps the first layers on the CPU)
-    const bool per_head = params.granularity == LLAMA_KV_GRANULARITY_HEAD && params.policy != LLAMA_KV_POLICY_STREAMING;
-    if (per_head && !layers.empty()) {
+    // the kept cells of every (layer, KV head), between the eviction's two graphs: with the last layer's K,
+    // which is on the GPU whenever any layer is (partial offload keeps the first layers on the CPU)
+    const bool split_gather = params.granularity == LLAMA_KV_GRANULARITY_HEAD &&
+        params.policy != LLAMA_KV_POLICY_STREAMING && params.policy != LLAMA_KV_POLICY_H2O;
+    if (split_gather && !layers.empty()) {
         int64_t n_rows_all = 0;
         for (const auto & layer : layers) {
             n_rows_all += hparams.n_head_kv(layer.il);
@@ -707,12 +708,13 @@ ggml_tensor * llama_kv_cache::cpy_q(ggml_context * ctx, ggml_tensor * q_cur, ggm
 
 namespace {
 
-// the graphs of an eviction: the first scores the cells and orders them (per head into B.order_sel, which
-// the host reads back); per head, a second moves the rows that change place (the host plans the moves from the
-// order and rewrites the cell metadata while the device runs them)
+// which part of an eviction a graph holds: one graph does it all, or, with the kept cells held on the
+// device between two graphs (B.order_sel), the first selects them and the second moves the rows while
+// the host rewrites the cell metadata
 enum kv_evict_graph {
-    KV_EVICT_GRAPH_ORDER, // scores, order (per head: the kept cells into B.order_sel; H2O: its scores into B.acc)
-    KV_EVICT_GRAPH_MOVE,  // per head: the kept rows outside their place moved into the cells the head frees
+    KV_EVICT_GRAPH_ALL,    // scores, order, gather
+    KV_EVICT_GRAPH_ORDER,  // scores, order into B.order_sel
+    KV_EVICT_GRAPH_GATHER, // the gather of the cells in B.order_sel
 };
 
 // host-built inputs of the eviction graph
@@ -722,9 +724,7 @@ public:
         GGML_UNUSED(ubatch);
         set(mask, mask_data);
         set(bias, bias_data);
-        set(cand, cand_data);
         set(evictable, evictable_data);
-        set(src, src_data);
         set(dst, dst_data);
         set(row_w, row_w_data);
         set(old, old_data);
@@ -732,9 +732,7 @@ public:
 
     ggml_tensor * mask  = nullptr; // F32 [n_kv, n_rows]: 0 for the cells a query row scores, -inf otherwise
     ggml_tensor * bias  = nullptr; // F32 [n_kv, 1]: 0 evictable (streaming: recency), BIG + rank protected, -inf empty
-    ggml_tensor * cand  = nullptr; // per head: I32 [n_cand]: the evictable cells, the only ones ordered
-    ggml_tensor * src   = nullptr; // I32 [n_moves, rows of all layers]: per (layer, KV head), the cells whose rows move
-    ggml_tensor * dst   = nullptr; // I64 [n_moves, rows of all layers]: where they go (padding: a cell onto itself)
+    ggml_tensor * dst   = nullptr; // I64 [C]: destination cells of the kept rows (head granularity)
     ggml_tensor * row_w = nullptr; // F32 [1, n_rows]: 1 for a row that scores (H2O: the queries since the last
                                    // eviction), 0 otherwise (a rejected draft's query)
     ggml_tensor * old   = nullptr; // H2O: F32 [n_kv, 1]: 1 where the accumulated score is valid, 0 for newer cells
@@ -742,8 +740,6 @@ public:
 
     std::vector<float>   mask_data;
     std::vector<float>   bias_data;
-    std::vector<int32_t> cand_data;
-    std::vector<int32_t> src_data;
     std::vector<int64_t> dst_data;
     std::vector<float>   row_w_data;
     std::vector<float>   old_data;
@@ -827,26 +823,14 @@ ggml_tensor * kv_budget_heads_view(ggml_context * ctx, ggml_tensor * t, int64_t 
 
 } // namespace
 
-// per token, the protected cells (recent tokens, sinks, the kept prompt) get scores above any attention score, so
-// that they are kept (increasing with their position: the order is deterministic); per head only the evictable
-// cells are ordered
+// the protected cells (recent window + sinks) get scores above any attention score, increasing with
+// their position, so every head orders them identically and they land on the same cells
 static constexpr float KV_BUDGET_PROTECTED_BIAS = 1e6f;
 
-// one row move of one (layer, KV head): the row of cell src goes to cell dst
-struct kv_budget_move {
-    uint32_t src;
-    uint32_t dst;
-};
-
 // one eviction, in stages: inputs (host), the scoring graph and the order of the cells, the read-back of
-// the order, the moves of the kept rows, the cell metadata. The policies differ in small pieces: the
+// the order, the gather of the kept rows, the cell metadata. The policies differ in small pieces: the
 // mask of the query rows (H2O: causal, weighted), the scores of one layer (H2O accumulates, SnapKV
 // smooths, streaming has none) and whether the heads choose apart (head granularity) or together.
-//
-// Per head, a kept row stays in its cell when it can: the cells [0, C) of the protected tokens stay, each
-// protected token outside them takes a cell of one that left the recent window (or an empty one), and each
-// head moves only its kept rows that are outside [0, C) or in such a cell, into the cells it drops. One
-// eviction moves about the eviction interval's rows per head, not C.
 struct llama_kv_budget_evict {
     llama_kv_budget_evict(llama_kv_cache & kv, llama_context * lctx, uint32_t strm);
 
@@ -858,17 +842,15 @@ private:
     void fill_inputs_h2o();
 
     ggml_tensor * layer_scores(ggml_context * ctx, llm_graph_input_kv_budget * inp, size_t ikv, ggml_tensor ** acc_now) const;
-    void build_order(ggml_context * ctx, ggml_cgraph * gf, llm_graph_input_kv_budget * inp);
-    void build_moves(ggml_context * ctx, ggml_cgraph * gf, llm_graph_input_kv_budget * inp) const;
+    void build_order (ggml_context * ctx, ggml_cgraph * gf, llm_graph_input_kv_budget * inp, std::vector<ggml_tensor *> & layer_acc);
+    void build_gather(ggml_context * ctx, ggml_cgraph * gf, llm_graph_input_kv_budget * inp, const std::vector<ggml_tensor *> & layer_acc) const;
     ggml_cgraph * build_graph(kv_evict_graph kind);
     bool compute(ggml_cgraph * gf, bool wait);
 
     void read_order();
     void rewrite_token();
-    void claim_cells();
-    void plan_moves();
     void rewrite_head();
-    llama_pos orig_pos(size_t row, uint32_t c) const;
+    void rewrite_layers(int iw, int n_workers, const std::vector<llama_pos> & cell_pos, llama_pos * new_pos, uint8_t & bad);
     void log_done() const;
 
     llama_kv_cache        & kv;
@@ -884,31 +866,20 @@ private:
     llama_pos pos_max;
     bool streaming, h2o, snapkv;
     bool per_head; // every KV head keeps its own cells (composite cells); else cells are freed for all heads
+    bool split;    // per head in two graphs: the device gathers while the host rewrites the metadata
 
     std::vector<std::pair<llama_pos, uint32_t>> prot; // protected cells (pos, cell), oldest first
-    std::vector<uint32_t> cand;                       // evictable cells, in cell order
-    uint32_t n_sel = 0;                               // per head: the evictable cells it keeps (C - protected)
     std::vector<float> row;                           // mask row of MorphKV/SnapKV: 0 evictable, -inf otherwise
     std::vector<size_t> row_off;                      // per head: each layer's first row of the order
 
-    std::unique_ptr<llm_graph_input_kv_budget> inp_host;
+    std::unique_ptr<llm_graph_input_kv_budget> inp_host; // taken by the graph that gathers
+    ggml_tensor * order_all   = nullptr; // per head, one graph: I32 [n_kv, rows of all layers]
     ggml_tensor * total_order = nullptr; // per token: I32 [n_kv, 1]
 
-    // per head: the kept cells of every (layer, KV head), row by row (B.order_sel read back)
-    const int32_t * orders_host = nullptr;
+    const int32_t * orders_host = nullptr; // per head: the kept cells of every (layer, KV head), row by row
     size_t order_stride = 0;
 
-    // per head: the moves of every (layer, KV head) row of the order; the cells [0, C) whose content changes in
-    // some head (claimed ones first); per cell, whether it is protected or claimed
-    std::vector<std::vector<kv_budget_move>> moves;
-    std::vector<uint32_t> touched;
-    std::vector<uint8_t>  is_prot, is_claimed;
-    std::vector<std::pair<uint32_t, uint32_t>> claims; // (protected cell >= C, the cell < C it takes)
-    uint32_t n_moves_max = 0;
-    uint64_t n_moved     = 0;
-
-    int64_t t_prev_us = 0, t_start_us = 0, t_inputs_us = 0, t_order_us = 0, t_read_us = 0, t_plan_us = 0, t_move_us = 0,
-            t_meta_us = 0, t_wait_us = 0;
+    int64_t t_prev_us = 0, t_start_us = 0, t_inputs_us = 0, t_order_us = 0, t_read_us = 0, t_gather_us = 0, t_meta_us = 0, t_wait_us = 0;
 };
 
 llama_kv_budget_evict::llama_kv_budget_evict(llama_kv_cache & kv, llama_context * lctx, uint32_t strm) :
@@ -931,7 +902,9 @@ llama_kv_budget_evict::llama_kv_budget_evict(llama_kv_cache & kv, llama_context 
     snapkv    = p.policy == LLAMA_KV_POLICY_SNAPKV;
     // streaming keeps the same tokens in every head: freeing cells is enough
     per_head  = p.granularity == LLAMA_KV_GRANULARITY_HEAD && !streaming;
-    GGML_ASSERT(!per_head || B.order_sel != nullptr);
+    // H2O's accumulated scores, which move with the cells, exist only inside one graph
+    split     = per_head && B.order_sel != nullptr;
+    GGML_ASSERT(!split || !h2o);
     // MorphKV, SnapKV: every query row sees the same cells, and the fused op takes one mask row for all
     n_mask_rows = !h2o && B.scores_fused_all ? 1 : n_rows;
 
@@ -953,34 +926,43 @@ bool llama_kv_budget_evict::run() {
     int64_t t0 = ggml_time_us();
     t_inputs_us = t0 - t_start_us;
 
-    if (!compute(build_graph(KV_EVICT_GRAPH_ORDER), true)) {
-        return false;
-    }
-    int64_t t1 = ggml_time_us();
-    t_order_us = t1 - t0;
-    if (!per_head) {
-        rewrite_token();
-        t_meta_us = ggml_time_us() - t1;
-    } else {
-        read_order();
-        t0 = ggml_time_us();
-        t_read_us = t0 - t1;
-        claim_cells();
-        plan_moves();
-        t1 = ggml_time_us();
-        t_plan_us = t1 - t0;
-        // the device moves the rows while the host rewrites the metadata
-        if (n_moves_max > 0 && !compute(build_graph(KV_EVICT_GRAPH_MOVE), false)) {
+    if (split) {
+        // the order first; then the device gathers while the metadata is rewritten below
+        if (!compute(build_graph(KV_EVICT_GRAPH_ORDER), true)) {
             return false;
         }
-        t0 = ggml_time_us();
-        t_move_us = t0 - t1;
-        rewrite_head();
-        t1 = ggml_time_us();
-        t_meta_us = t1 - t0;
-        ggml_backend_sched_synchronize(lctx->get_sched()); // the moves (the next graph may reuse their buffers)
-        t_wait_us = ggml_time_us() - t1;
+        const int64_t t1 = ggml_time_us();
+        read_order();
+        const int64_t t2 = ggml_time_us();
+        if (!compute(build_graph(KV_EVICT_GRAPH_GATHER), false)) {
+            return false;
+        }
+        t_order_us  = t1 - t0;
+        t_read_us   = t2 - t1;
+        t_gather_us = ggml_time_us() - t2;
+    } else {
+        if (!compute(build_graph(KV_EVICT_GRAPH_ALL), true)) {
+            return false;
+        }
+        const int64_t t1 = ggml_time_us();
+        read_order();
+        t_gather_us = t1 - t0;
+        t_read_us   = ggml_time_us() - t1;
     }
+    const int64_t t1 = ggml_time_us();
+
+    if (per_head) {
+        rewrite_head();
+    } else {
+        rewrite_token();
+    }
+    t0 = ggml_time_us();
+    t_meta_us = t0 - t1;
+
+    if (split) {
+        ggml_backend_sched_synchronize(lctx->get_sched()); // the gather (the next graph may reuse its buffers)
+    }
+    t_wait_us = ggml_time_us() - t0;
 
     S.n_evictions++;
     S.last_evict_pos_max = pos_max;
@@ -991,7 +973,7 @@ bool llama_kv_budget_evict::run() {
     return true;
 }
 
-// classify the cells: empty, protected (recent tokens, sinks, the kept prompt) or evictable
+// classify the cells: empty, protected (recent window, sinks) or evictable
 void llama_kv_budget_evict::plan_cells() {
     const float ninf = -std::numeric_limits<float>::infinity();
 
@@ -1017,13 +999,6 @@ void llama_kv_budget_evict::plan_cells() {
     }
     std::sort(prot.begin(), prot.end());
     GGML_ASSERT(prot.size() < n_keep); // configure: budget > recent + sinks; the kept prompt is counted in n_keep
-    n_sel = n_keep - prot.size();
-    for (uint32_t i = 0; i < n_kv; ++i) {
-        if (!std::isinf(row[i])) {
-            cand.push_back(i);
-        }
-    }
-    inp_host->cand_data.assign(cand.begin(), cand.end());
     for (uint32_t r = 0; r < prot.size(); ++r) {
         bias[prot[r].second] = KV_BUDGET_PROTECTED_BIAS + (float) r;
     }
@@ -1051,6 +1026,12 @@ void llama_kv_budget_evict::fill_inputs() {
         inp.evictable_data.resize(n_kv);
         for (uint32_t i = 0; i < n_kv; ++i) {
             inp.evictable_data[i] = std::isinf(row[i]) ? 0.0f : 1.0f;
+        }
+    }
+    if (per_head) {
+        inp.dst_data.resize(n_keep);
+        for (uint32_t r = 0; r < n_keep; ++r) {
+            inp.dst_data[r] = r;
         }
     }
 }
@@ -1126,25 +1107,25 @@ ggml_tensor * llama_kv_budget_evict::layer_scores(ggml_context * ctx, llm_graph_
     return scores;
 }
 
-
-// the order of the cells: per head one argsort over every layer's rows (one launch) whose first C columns
-// stay in B.order_sel; per token one over the scores summed over layers and heads; streaming orders by the
-// bias alone
-void llama_kv_budget_evict::build_order(ggml_context * ctx, ggml_cgraph * gf, llm_graph_input_kv_budget * inp) {
+// the order of the cells: per head one argsort over every layer's rows (one launch, one copy back), per
+// token one over the scores summed over layers and heads; streaming orders by the bias alone
+void llama_kv_budget_evict::build_order(ggml_context * ctx, ggml_cgraph * gf, llm_graph_input_kv_budget * inp,
+        std::vector<ggml_tensor *> & layer_acc) {
     std::vector<ggml_tensor *> per_layer; // per head: [n_kv, n_hkv] per layer
     ggml_tensor * total = nullptr;        // per token: [n_kv, 1]
 
     for (size_t ikv = 0; ikv < (streaming ? 0 : kv.layers.size()); ++ikv) {
         ggml_tensor * acc_now = nullptr;
         ggml_tensor * scores  = layer_scores(ctx, inp, ikv, &acc_now);
-        if (h2o) {
-            // the accumulated scores where the cells are now; the moves then carry them along with the rows
-            ggml_tensor * acc_view = ggml_view_2d(ctx, B.acc[ikv], n_kv, scores->ne[1], B.acc[ikv]->nb[1], strm*B.acc[ikv]->nb[2]);
-            ggml_build_forward_expand(gf, ggml_cpy(ctx, acc_now, acc_view));
-        }
         if (per_head) {
             per_layer.push_back(ggml_is_contiguous(scores) ? scores : ggml_cont(ctx, scores));
+            layer_acc[ikv] = acc_now;
             continue;
+        }
+        if (h2o) {
+            // cells stay where they are: the accumulated scores too
+            ggml_tensor * acc_view = ggml_view_2d(ctx, B.acc[ikv], n_kv, scores->ne[1], B.acc[ikv]->nb[1], strm*B.acc[ikv]->nb[2]);
+            ggml_build_forward_expand(gf, ggml_cpy(ctx, acc_now, acc_view));
         }
         ggml_tensor * s = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_transpose(ctx, scores))); // [1, n_kv]
         s = ggml_reshape_2d(ctx, s, n_kv, 1);
@@ -1159,46 +1140,49 @@ void llama_kv_budget_evict::build_order(ggml_context * ctx, ggml_cgraph * gf, ll
         return;
     }
 
-    // every head keeps the protected cells: only the evictable ones (the same for every head) are ordered
-    ggml_tensor * all = ggml_cont(ctx, ggml_transpose(ctx, kv_budget_concat_rows(ctx, per_layer))); // [heads, n_kv]
-    ggml_tensor * ev  = ggml_cont(ctx, ggml_transpose(ctx, ggml_get_rows(ctx, all, inp->cand)));    // [n_cand, heads]
-    ggml_tensor * order = ggml_argsort(ctx, ev, GGML_SORT_ORDER_DESC);
-    ggml_build_forward_expand(gf, ggml_cpy(ctx,
-            ggml_view_2d(ctx, order,       n_sel, order->ne[1], order->nb[1],       0),
-            ggml_view_2d(ctx, B.order_sel, n_sel, order->ne[1], B.order_sel->nb[1], 0)));
+    order_all = ggml_argsort(ctx, ggml_add(ctx, kv_budget_concat_rows(ctx, per_layer), inp->bias), GGML_SORT_ORDER_DESC);
+    if (split) {
+        // the kept cells stay on the device for the gather graph (and are read back from there)
+        ggml_build_forward_expand(gf, ggml_cpy(ctx,
+                ggml_view_2d(ctx, order_all,   n_keep, order_all->ne[1], order_all->nb[1],   0),
+                ggml_view_2d(ctx, B.order_sel, n_keep, order_all->ne[1], B.order_sel->nb[1], 0)));
+    } else {
+        ggml_set_output(order_all);
+        ggml_build_forward_expand(gf, order_all);
+    }
 }
 
-// per (layer, KV head): its rows (and H2O's accumulated scores) of inp->src's cells to inp->dst's; every
-// row is read before any is written (one get_rows, then one set_rows, per tensor)
-void llama_kv_budget_evict::build_moves(ggml_context * ctx, ggml_cgraph * gf, llm_graph_input_kv_budget * inp) const {
+// every head's kept K/V rows (and H2O's accumulated scores) written to cells [0, C): composite cells
+void llama_kv_budget_evict::build_gather(ggml_context * ctx, ggml_cgraph * gf, llm_graph_input_kv_budget * inp,
+        const std::vector<ggml_tensor *> & layer_acc) const {
     const auto & hparams = kv.hparams;
     const int64_t kv_size = kv.get_size();
+    ggml_tensor * order = split ? B.order_sel : order_all;
 
-    // from: the stream's [d, n_kv, n_hkv] rows, to: its [d, kv_size, n_hkv] rows
-    auto move = [&](ggml_tensor * from, ggml_tensor * to, ggml_tensor * src, ggml_tensor * dst) {
-        ggml_build_forward_expand(gf, ggml_set_rows(ctx, to, ggml_get_rows(ctx, from, src), dst));
-    };
     for (size_t ikv = 0; ikv < kv.layers.size(); ++ikv) {
         const auto & layer = kv.layers[ikv];
         const uint32_t il = layer.il;
+
+        const int64_t d_k   = hparams.n_embd_head_k(il);
+        const int64_t d_v   = hparams.n_embd_head_v(il);
         const int64_t n_hkv = hparams.n_head_kv(il);
-        const int64_t d_k = hparams.n_embd_head_k(il), n_k = hparams.n_embd_k_gqa(il);
-        const int64_t d_v = hparams.n_embd_head_v(il), n_v = hparams.n_embd_v_gqa(il);
 
-        ggml_tensor * src = ggml_view_2d(ctx, inp->src, n_moves_max, n_hkv, inp->src->nb[1], row_off[ikv]*inp->src->nb[1]);
-        ggml_tensor * dst = ggml_view_2d(ctx, inp->dst, n_moves_max, n_hkv, inp->dst->nb[1], row_off[ikv]*inp->dst->nb[1]);
+        ggml_tensor * sel = ggml_view_2d(ctx, order, n_keep, n_hkv, order->nb[1], row_off[ikv]*order->nb[1]);
 
-        move(kv_budget_heads_view(ctx, layer.k, d_k, n_kv, n_hkv, n_k, strm),
-             kv_budget_heads_view(ctx, layer.k, d_k, kv_size, n_hkv, n_k, strm), src, dst);
-        move(kv_budget_heads_view(ctx, layer.v, d_v, n_kv, n_hkv, n_v, strm),
-             kv_budget_heads_view(ctx, layer.v, d_v, kv_size, n_hkv, n_v, strm), src, dst);
+        ggml_tensor * k_kept = ggml_get_rows(ctx, kv_budget_heads_view(ctx, layer.k, d_k, n_kv, n_hkv, hparams.n_embd_k_gqa(il), strm), sel);
+        ggml_tensor * k_dst  = kv_budget_heads_view(ctx, layer.k, d_k, kv_size, n_hkv, hparams.n_embd_k_gqa(il), strm);
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, k_dst, k_kept, inp->dst));
+
+        ggml_tensor * v_kept = ggml_get_rows(ctx, kv_budget_heads_view(ctx, layer.v, d_v, n_kv, n_hkv, hparams.n_embd_v_gqa(il), strm), sel);
+        ggml_tensor * v_dst  = kv_budget_heads_view(ctx, layer.v, d_v, kv_size, n_hkv, hparams.n_embd_v_gqa(il), strm);
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, v_dst, v_kept, inp->dst));
+
         if (h2o) {
-            // F32 [cells, n_hkv] of the stream: rows of one value
-            ggml_tensor * a = B.acc[ikv];
-            auto rows = [&](int64_t n) {
-                return ggml_view_3d(ctx, a, 1, n, n_hkv, ggml_element_size(a), a->nb[1], strm*a->nb[2]);
-            };
-            move(rows(n_kv), rows(kv_size), src, dst);
+            // the accumulated scores move with their tokens
+            ggml_tensor * a_kept = ggml_get_rows(ctx, ggml_reshape_3d(ctx, layer_acc[ikv], 1, n_kv, n_hkv), sel);
+            ggml_tensor * a_dst  = ggml_view_3d(ctx, B.acc[ikv], 1, kv_size, n_hkv,
+                    ggml_element_size(B.acc[ikv]), B.acc[ikv]->nb[1], strm*B.acc[ikv]->nb[2]);
+            ggml_build_forward_expand(gf, ggml_set_rows(ctx, a_dst, a_kept, inp->dst));
         }
     }
 }
@@ -1213,38 +1197,43 @@ ggml_cgraph * llama_kv_budget_evict::build_graph(kv_evict_graph kind) {
     auto * ctx = res->get_ctx();
     auto * gf  = res->get_gf();
 
-    // the eviction's last graph takes the host data; the order graph of a per-head eviction takes a copy
-    const bool order = kind == KV_EVICT_GRAPH_ORDER;
-    auto inp = !order || !per_head ? std::move(inp_host) : std::make_unique<llm_graph_input_kv_budget>(*inp_host);
+    // the graph that gathers is the eviction's last: it takes the host data; one before it takes a copy
+    const bool order  = kind != KV_EVICT_GRAPH_GATHER;
+    const bool gather = kind != KV_EVICT_GRAPH_ORDER;
+    auto inp = gather ? std::move(inp_host) : std::make_unique<llm_graph_input_kv_budget>(*inp_host);
 
     // each graph creates only its own inputs: ggml-cuda keys its CUDA graphs by the first node's address,
-    // which then differs between the two graphs of an eviction (alike, they would never be replayed)
+    // which then differs between the two graphs of a split eviction (alike, they would never be replayed)
     auto new_input = [&](ggml_tensor *& t, int64_t ne0, int64_t ne1, ggml_type type) {
         t = ggml_new_tensor_2d(ctx, type, ne0, ne1);
         ggml_set_input(t);
     };
     if (order && !streaming) {
         new_input(inp->mask, n_kv, n_mask_rows, GGML_TYPE_F32);
-        new_input(inp->row_w, 1, n_rows, GGML_TYPE_F32);
     }
     if (order && (h2o || snapkv)) {
         new_input(inp->evictable, n_kv, 1, GGML_TYPE_F32);
     }
+    if (order && !streaming) {
+        new_input(inp->row_w, 1, n_rows, GGML_TYPE_F32);
+    }
     if (order && h2o) {
         new_input(inp->old, n_kv, 1, GGML_TYPE_F32);
     }
-    if (order && per_head) {
-        new_input(inp->cand, (int64_t) cand.size(), 1, GGML_TYPE_I32);
-    }
-    if (order && !per_head) {
+    if (order) {
         new_input(inp->bias, n_kv, 1, GGML_TYPE_F32);
     }
+    if (per_head && gather) {
+        inp->dst = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n_keep);
+        ggml_set_input(inp->dst);
+    }
+
+    std::vector<ggml_tensor *> layer_acc(kv.layers.size(), nullptr);
     if (order) {
-        build_order(ctx, gf, inp.get());
-    } else {
-        new_input(inp->src, n_moves_max, row_off.back(), GGML_TYPE_I32);
-        new_input(inp->dst, n_moves_max, row_off.back(), GGML_TYPE_I64);
-        build_moves(ctx, gf, inp.get());
+        build_order(ctx, gf, inp.get(), layer_acc);
+    }
+    if (per_head && gather) {
+        build_gather(ctx, gf, inp.get(), layer_acc);
     }
 
     res->add_input(std::move(inp));
@@ -1269,9 +1258,19 @@ bool llama_kv_budget_evict::compute(ggml_cgraph * gf, bool wait) {
     return true;
 }
 
-// per head: the kept cells of every (layer, KV head), from the device's B.order_sel (into pinned memory where
-// the device has it)
+// per head: the kept cells of every (layer, KV head) on the host; split, from the device's B.order_sel
+// (into pinned memory where the device has it), else the one graph's full order
 void llama_kv_budget_evict::read_order() {
+    if (!per_head) {
+        return;
+    }
+    if (!split) {
+        B.order_host.resize((size_t) n_kv*row_off.back());
+        ggml_backend_tensor_get(order_all, B.order_host.data(), 0, B.order_host.size()*sizeof(int32_t));
+        orders_host  = B.order_host.data();
+        order_stride = n_kv;
+        return;
+    }
     int32_t * dst = B.order_pinned ? (int32_t *) ggml_backend_buffer_get_base(B.order_pinned.get()) : nullptr;
     if (!dst) {
         B.order_host.resize(ggml_nelements(B.order_sel));
@@ -1301,237 +1300,117 @@ void llama_kv_budget_evict::rewrite_token() {
     kv.v_heads[strm] = 0;
 }
 
-// the cells [0, C) the protected tokens at C and above take, the same in every head: empty cells first, then
-// ordinary ones (a token that left the recent window: the protected cells stay in one place), then the composite
-// ones the fewest heads keep (the fewest moves)
-void llama_kv_budget_evict::claim_cells() {
-    is_prot.assign(n_kv, 0);
-    is_claimed.assign(n_kv, 0);
-    std::vector<uint32_t> incoming;
-    for (const auto & [pos, c] : prot) {
-        is_prot[c] = 1;
-        if (c >= n_keep) {
-            incoming.push_back(c);
-        }
-    }
-    claims.clear();
-    if (incoming.empty()) {
-        return;
-    }
-    std::sort(incoming.begin(), incoming.end());
-
-    // heads keeping each evictable cell
-    std::vector<uint32_t> n_kept_by(n_keep, 0);
-    for (size_t r = 0; r < row_off.back(); ++r) {
-        const int32_t * sel = orders_host + r*order_stride;
-        for (uint32_t j = 0; j < n_sel; ++j) {
-            const uint32_t c = cand[std::min<uint32_t>(sel[j], cand.size() - 1)];
-            if (c < n_keep) {
-                n_kept_by[c]++;
-            }
-        }
-    }
-    std::vector<std::tuple<int, uint32_t, uint32_t>> cand; // (kind, heads keeping it, cell)
-    for (uint32_t c = 0; c < n_keep; ++c) {
-        if (!is_prot[c]) {
-            // ordinary cells in cell order: the protected block stays in one piece (whole tiles of it are masked
-            // in the scoring op, which skips them)
-            const int kind = cells.is_empty(c) ? 0 : S.comp_cell_pos[c] < 0 ? 1 : 2;
-            cand.emplace_back(kind, kind == 1 ? 0 : n_kept_by[c], c);
-        }
-    }
-    GGML_ASSERT(cand.size() >= incoming.size()); // configure: the protected cells fit the budget
-    std::partial_sort(cand.begin(), cand.begin() + incoming.size(), cand.end());
-    std::vector<uint32_t> taken;
-    for (size_t k = 0; k < incoming.size(); ++k) {
-        taken.push_back(std::get<2>(cand[k]));
-    }
-    std::sort(taken.begin(), taken.end());
-    for (size_t k = 0; k < incoming.size(); ++k) {
-        is_claimed[taken[k]] = 1;
-        claims.emplace_back(incoming[k], taken[k]);
-    }
-}
-
-// per (layer, KV head): the protected tokens at C and above go to their claimed cells; the head's kept rows at
-// C and above or in a claimed cell go to the cells [0, C) it does not keep, in cell order
-void llama_kv_budget_evict::plan_moves() {
-    const size_t n_heads = row_off.back();
-    moves.assign(n_heads, {});
-    n_moves_max = 0;
-    n_moved     = 0;
-
-    // the cells where a head's row may stay or make room: [0, C) but the protected and claimed ones; and those
-    // whose kept rows must move: the claimed ones and the unprotected ones at C and above
-    std::vector<uint32_t> stay_cells, move_cells;
-    for (uint32_t c = 0; c < n_kv; ++c) {
-        if (is_prot[c]) {
-            continue;
-        }
-        if (c < n_keep && !is_claimed[c]) {
-            stay_cells.push_back(c);
-        } else {
-            move_cells.push_back(c);
-        }
-    }
-
-    // per head, the evictable cells it keeps (indices into cand) are marked and matched against those two lists
-    std::vector<uint8_t> kept(n_kv, 0);
-    std::vector<uint8_t> hit(n_keep, 0); // cells [0, C) some head writes
-    std::vector<uint32_t> from, holes;
-    bool bad = false;
-    for (size_t r = 0; r < n_heads; ++r) {
-        const int32_t * sel = orders_host + r*order_stride;
-        for (uint32_t j = 0; j < n_sel; ++j) {
-            bad |= (uint32_t) sel[j] >= cand.size();
-            kept[cand[std::min<uint32_t>(sel[j], cand.size() - 1)]] = 1;
-        }
-        from.clear();
-        holes.clear();
-        for (uint32_t c : stay_cells) {
-            if (!kept[c]) {
-                holes.push_back(c);
-            }
-        }
-        for (uint32_t c : move_cells) {
-            if (kept[c]) {
-                from.push_back(c);
-            }
-        }
-        bad |= from.size() != holes.size();
-
-        auto & mv = moves[r];
-        for (const auto & [c_src, c_dst] : claims) {
-            mv.push_back({ c_src, c_dst });
-        }
-        for (size_t k = 0; k < std::min(from.size(), holes.size()); ++k) {
-            mv.push_back({ from[k], holes[k] });
-            hit[holes[k]] = 1;
-        }
-        n_moves_max = std::max<uint32_t>(n_moves_max, mv.size());
-        n_moved += mv.size();
-        for (uint32_t j = 0; j < n_sel; ++j) {
-            kept[cand[std::min<uint32_t>(sel[j], cand.size() - 1)]] = 0;
-        }
-    }
-    GGML_ASSERT(!bad && "the eviction's order is not one of the evictable cells");
-
-    touched.clear();
-    for (const auto & cc : claims) {
-        touched.push_back(cc.second);
-    }
-    for (uint32_t c = 0; c < n_keep; ++c) {
-        if (hit[c]) {
-            touched.push_back(c);
-        }
-    }
-
-    // [n_moves_max, heads]: a head with fewer moves pads with cell C (only ever a source) onto itself
-    auto & inp = *inp_host;
-    inp.src_data.assign(n_moves_max*n_heads, (int32_t) n_keep);
-    inp.dst_data.assign(n_moves_max*n_heads, (int64_t) n_keep);
-    for (size_t r = 0; r < n_heads; ++r) {
-        for (size_t k = 0; k < moves[r].size(); ++k) {
-            inp.src_data[r*n_moves_max + k] = moves[r][k].src;
-            inp.dst_data[r*n_moves_max + k] = moves[r][k].dst;
-        }
-    }
-}
-
-// the original position of the token that (layer, KV head) row `row` holds in cell c
-llama_pos llama_kv_budget_evict::orig_pos(size_t row, uint32_t c) const {
-    if (cells.is_empty(c)) {
-        return -1;
-    }
-    if (S.comp_cell_pos[c] < 0) {
-        return cells.pos_get(c);
-    }
-    return S.comp_pos[row*kv.get_size() + c];
-}
-
-// per head: the moved cells' original positions in the table of composite positions; a cell the moves
-// touched becomes composite if its heads hold different tokens (its position: the newest of them), ordinary
-// if they hold one; the cells at C and above are freed
+// per head: cells [0, C) become composite cells; each (layer, KV head) records the original position of
+// the token it keeps in each of them, and a cell takes the newest of those as its own position
 void llama_kv_budget_evict::rewrite_head() {
     const auto & hparams = kv.hparams;
-    const size_t kv_size   = kv.get_size();
-    const size_t n_hkv_max = B.n_head_kv_max;
 
-    // the table row of (layer ikv, head h) is ikv*n_hkv_max + h; the order's row is row_off[ikv] + h
-    auto table_row = [&](size_t ikv, uint32_t h) { return ikv*n_hkv_max + h; };
-
-    // every source's position before anything is written
-    std::vector<std::vector<llama_pos>> moved(moves.size());
-    for (size_t ikv = 0; ikv < kv.layers.size(); ++ikv) {
-        for (uint32_t h = 0; h < hparams.n_head_kv(kv.layers[ikv].il); ++h) {
-            const size_t r = row_off[ikv] + h;
-            for (const auto & m : moves[r]) {
-                moved[r].push_back(orig_pos(table_row(ikv, h), m.src));
-            }
-        }
-    }
-    // a touched cell that was ordinary gets its position in every head's table row first
-    for (uint32_t c : touched) {
-        if (S.comp_cell_pos[c] >= 0) {
-            continue;
-        }
-        const llama_pos pos = cells.is_empty(c) ? -1 : cells.pos_get(c);
-        for (size_t lh = 0; lh < kv.layers.size()*n_hkv_max; ++lh) {
-            S.comp_pos[lh*kv_size + c] = pos;
-        }
-    }
-    for (size_t ikv = 0; ikv < kv.layers.size(); ++ikv) {
-        for (uint32_t h = 0; h < hparams.n_head_kv(kv.layers[ikv].il); ++h) {
-            const size_t r = row_off[ikv] + h;
-            for (size_t k = 0; k < moves[r].size(); ++k) {
-                S.comp_pos[table_row(ikv, h)*kv_size + moves[r][k].dst] = moved[r][k];
-            }
-        }
-        S.n_evicted += (uint64_t) (n_used - n_keep)*hparams.n_head_kv(kv.layers[ikv].il);
+    // the new per-head positions are written into a scratch table that is then swapped in, so that every head
+    // reads the old table; a cell's original position is, per head, its composite position or else its own
+    // (cell_pos: -1 empty, -2 composite)
+    B.comp_pos_next.resize(S.comp_pos.size());
+    std::vector<llama_pos> cell_pos(n_kv);
+    for (uint32_t i = 0; i < n_kv; ++i) {
+        cell_pos[i] = cells.is_empty(i) ? -1 : S.comp_cell_pos[i] >= 0 ? -2 : cells.pos_get(i);
     }
 
-    for (uint32_t c = n_keep; c < n_kv; ++c) {
-        if (!cells.is_empty(c)) {
-            cells.rm(c);
+    // the layers are independent (C x n_head_kv entries each): on large caches they are split over a few of the
+    // context's threads (each with its own maximum of the new cell positions, merged below); more threads cost
+    // more to start than they save at these sizes
+    const size_t n_entries = kv.layers.size()*B.n_head_kv_max*n_keep;
+    const int n_workers = n_entries < 65536 ? 1 : (int) std::max<uint32_t>(1, std::min<uint32_t>(
+            { lctx->n_threads(), 4u, (uint32_t) kv.layers.size() }));
+    std::vector<std::vector<llama_pos>> new_pos_w(n_workers, std::vector<llama_pos>(n_keep, -1));
+    std::vector<uint8_t> bad_w(n_workers, 0);
+    {
+        std::vector<std::thread> workers;
+        for (int iw = 1; iw < n_workers; ++iw) {
+            workers.emplace_back([&, iw] { rewrite_layers(iw, n_workers, cell_pos, new_pos_w[iw].data(), bad_w[iw]); });
         }
-        S.comp_cell_pos[c] = -1;
+        rewrite_layers(0, n_workers, cell_pos, new_pos_w[0].data(), bad_w[0]);
+        for (auto & w : workers) {
+            w.join();
+        }
     }
-    bool bad = false;
-    for (uint32_t c : touched) {
-        llama_pos lo = std::numeric_limits<llama_pos>::max(), hi = -1;
-        for (size_t ikv = 0; ikv < kv.layers.size(); ++ikv) {
-            for (uint32_t h = 0; h < hparams.n_head_kv(kv.layers[ikv].il); ++h) {
-                const llama_pos pos = S.comp_pos[table_row(ikv, h)*kv_size + c];
-                lo = std::min(lo, pos);
-                hi = std::max(hi, pos);
-            }
-        }
-        bad |= lo < 0;
-        if (!cells.is_empty(c)) {
-            cells.rm(c);
-        }
-        cells.pos_set(c, hi);
-        cells.seq_add(c, seq);
-        S.comp_cell_pos[c] = lo == hi ? -1 : hi;
+    for (int iw = 0; iw < n_workers; ++iw) {
+        GGML_ASSERT(!bad_w[iw] && "the eviction selected an empty cell or placed the protected cells apart");
     }
-    GGML_ASSERT(!bad && "a cell of the kept ones was left empty");
+    std::vector<llama_pos> & new_pos = new_pos_w[0];
+    for (int iw = 1; iw < n_workers; ++iw) {
+        for (uint32_t r = 0; r < n_keep; ++r) {
+            new_pos[r] = std::max(new_pos[r], new_pos_w[iw][r]);
+        }
+    }
+    for (const auto & layer : kv.layers) {
+        S.n_evicted += (uint64_t) (n_used - n_keep)*hparams.n_head_kv(layer.il);
+    }
 
+    // every cell below n_kv is rewritten and none above is used: start from empty cells
+    const uint32_t n_prot = prot.size();
+    cells.reset();
+    std::fill(S.comp_cell_pos.begin(), S.comp_cell_pos.end(), -1);
+    for (uint32_t r = 0; r < n_keep; ++r) {
+        cells.pos_set(r, new_pos[r]);
+        cells.seq_add(r, seq);
+        if (r >= n_prot) {
+            S.comp_cell_pos[r] = new_pos[r];
+        }
+    }
+    S.comp_pos.swap(B.comp_pos_next);
     std::fill(S.acc_valid.begin(), S.acc_valid.end(), 0);
     std::fill(S.acc_valid.begin(), S.acc_valid.begin() + n_keep, 1);
     kv.v_heads[strm] = n_keep;
 }
 
-// one line per eviction at debug level (-v): the sequence's eviction count, the total, then the stages (per
-// head, the moves overlap the metadata rewrite and "wait" is what is left of them), the wait for the previous
-// ubatch's graph before it (not part of the total), the rows moved and the sequence
+// the layers iw, iw + n_workers, ... of rewrite_head: their rows of the new position table; new_pos: the
+// newest original position per new cell; bad: an empty cell was selected or the protected cells moved
+void llama_kv_budget_evict::rewrite_layers(int iw, int n_workers, const std::vector<llama_pos> & cell_pos,
+        llama_pos * new_pos, uint8_t & bad) {
+    const size_t   n_hkv_max = B.n_head_kv_max;
+    const uint32_t kv_size   = kv.get_size();
+    const uint32_t n_prot    = prot.size();
+
+    for (size_t ikv = iw; ikv < kv.layers.size(); ikv += n_workers) {
+        const uint32_t n_hkv = kv.hparams.n_head_kv(kv.layers[ikv].il);
+        const int32_t * order = orders_host + row_off[ikv]*order_stride;
+
+        for (uint32_t h = 0; h < n_hkv_max; ++h) {
+            llama_pos * comp_new = B.comp_pos_next.data() + ((size_t) ikv*n_hkv_max + h)*kv_size;
+            if (h >= n_hkv) {
+                std::fill(comp_new, comp_new + kv_size, -1);
+                continue;
+            }
+            const int32_t   * sel      = order + (size_t) h*order_stride;
+            const llama_pos * comp_old = S.comp_pos.data() + ((size_t) ikv*n_hkv_max + h)*kv_size;
+            for (uint32_t r = 0; r < n_prot; ++r) {
+                // every head places the protected cells identically (ordered by their bias)
+                bad |= sel[r] != (int32_t) prot[n_prot - 1 - r].second;
+            }
+            llama_pos orig_min = 0;
+            for (uint32_t r = 0; r < n_keep; ++r) {
+                const uint32_t  j    = sel[r];
+                const llama_pos cp   = cell_pos[j];
+                const llama_pos orig = cp == -2 ? comp_old[j] : cp;
+                orig_min    = std::min(orig_min, orig);
+                comp_new[r] = orig;
+                new_pos[r]  = std::max(new_pos[r], orig);
+            }
+            bad |= orig_min < 0; // an empty cell was selected
+            std::fill(comp_new + n_keep, comp_new + kv_size, -1);
+        }
+    }
+}
+
+// one line per eviction at debug level (-v): the sequence's eviction count, the total, then the stages (split:
+// the gather overlaps the metadata rewrite, and "wait" is what is left of it; one graph: "gather" holds the
+// whole graph), the wait for the previous ubatch's graph before it (not part of the total) and the sequence
 void llama_kv_budget_evict::log_done() const {
     const int64_t t_total_us = ggml_time_us() - t_start_us;
     LLAMA_LOG_DEBUG("%s: eviction %u: %u -> %u cells (%zu protected), pos_max = %d, %.3f ms (inputs %.3f, order %.3f, "
-            "read-back %.3f, plan %.3f, moves %.3f, metadata %.3f, wait %.3f ms; %zu layers; previous graph %.3f ms; "
-            "%" PRIu64 " rows moved in %zu heads; seq %d)\n", "budget_evict",
+            "read-back %.3f, gather %.3f, metadata %.3f, wait %.3f ms; %zu layers, %s; previous graph %.3f ms; seq %d)\n", "budget_evict",
             S.n_evictions, n_used, cells.get_used(), prot.size(), pos_max, t_total_us/1000.0,
-            t_inputs_us/1000.0, t_order_us/1000.0, t_read_us/1000.0, t_plan_us/1000.0, t_move_us/1000.0, t_meta_us/1000.0,
-            t_wait_us/1000.0, kv.layers.size(), t_prev_us/1000.0, n_moved, per_head ? (size_t) row_off.back() : (size_t) 0, seq);
+            t_inputs_us/1000.0, t_order_us/1000.0, t_read_us/1000.0, t_gather_us/1000.0, t_meta_us/1000.0,
+            t_wait_us/1000.0, kv.layers.size(), split ? "two graphs" : "one graph", t_prev_us/1000.0, seq);
 }
 
 bool llama_kv_cache::budget_evict(llama_context * lctx, const std::vector<uint32_t> & strms) {

@@ -165,12 +165,13 @@ struct llama_kv_budget_state {
     uint32_t n_head_kv_max = 0;
     std::vector<llama_kv_budget_stream> streams;
 
-    std::vector<int32_t>   order_host;    // scratch of the eviction (every layer's kept cells, read back)
+    std::vector<llama_pos> comp_pos_next; // scratch of the eviction (the table being written)
+    std::vector<int32_t>   order_host;    // scratch of the eviction (every layer's selected cells, read back)
 
-    // head granularity: every (layer, KV head)'s kept cells, I32 [C, sum of n_head_kv], written by the eviction's
-    // first graph (scores + argsort) and read back into order_pinned (pinned host memory where the device has
-    // it, else order_host), from which the host plans the rows to move; one eviction runs at a time, whichever
-    // the stream
+    // head granularity (not H2O): every (layer, KV head)'s kept cells, I32 [C, sum of n_head_kv], written by
+    // the eviction's first graph (scores + argsort) and read by its second (the gather), which the device
+    // runs while the host rewrites the cell metadata from the copy read back into order_pinned (pinned host
+    // memory where the device has it, else order_host); one eviction runs at a time, whichever the stream
     ggml_tensor *           order_sel = nullptr;
     ggml_backend_buffer_ptr order_pinned;
 
