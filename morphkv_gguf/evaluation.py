@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import importlib
 import inspect
 import json
 import math
