@@ -17,9 +17,14 @@
 // path does): the products vectorise over the cells, and the fewer blocks, the fewer conversions of K.
 // A block's logits (n_heads*n_rows x n_kv) are kept per thread: blocks grow up to about
 // GGML_KV_SCORES_CPU_BLOCK floats, and the threads share whole query heads (no two write one head's sums).
+// A tile that every row of a block masks out is skipped altogether (no products, no softmax, no sums): its
+// probabilities are 0. An eviction masks its protected cells, which it keeps together: most tiles of a
+// decode-time eviction are skipped. A thread keeps the converted tiles of its current KV head (up to
+// GGML_KV_SCORES_CPU_KEEP floats): the query heads of a group, taken one by one, convert K once.
 static constexpr int64_t GGML_KV_SCORES_CPU_ROWS  = 16;      // rows per block at least (or all of them)
 static constexpr int64_t GGML_KV_SCORES_CPU_TILE  = 64;      // cells per K tile
 static constexpr int64_t GGML_KV_SCORES_CPU_BLOCK = 1 << 19; // logits per thread (2 MiB) blocks grow to
+static constexpr int64_t GGML_KV_SCORES_CPU_KEEP  = 1 << 20; // floats of converted K tiles a thread keeps (4 MiB)
 
 struct ggml_kv_scores_cpu_blocks {
     int64_t n_heads; // query heads per block (a divisor of n_head/n_head_kv)
@@ -43,6 +48,51 @@ static ggml_kv_scores_cpu_blocks ggml_kv_scores_cpu_blocking(int64_t n_head, int
     return { nh, rb };
 }
 
+static int64_t ggml_kv_scores_cpu_n_tiles(int64_t n_kv) {
+    return (n_kv + GGML_KV_SCORES_CPU_TILE - 1)/GGML_KV_SCORES_CPU_TILE;
+}
+
+// converted K tiles a thread keeps: every tile of a KV head, or one where they do not fit
+static int64_t ggml_kv_scores_cpu_k_tiles(int64_t d, int64_t n_kv) {
+    const int64_t n_tiles = ggml_kv_scores_cpu_n_tiles(n_kv);
+    return d*GGML_KV_SCORES_CPU_TILE*n_tiles <= GGML_KV_SCORES_CPU_KEEP ? n_tiles : 1;
+}
+
+// a thread's share of the work buffer, in floats: the logits of a block, one converted K row, the transposed
+// K tiles and the KV head each holds, the block's query vectors, their products with a tile and row maxima,
+// which tiles each block of rows sees
+static int64_t ggml_kv_scores_cpu_thread_floats(int64_t d, int64_t n_rows, int64_t n_kv, const ggml_kv_scores_cpu_blocks & b) {
+    const int64_t nq  = b.n_heads*b.n_rows;
+    const int64_t nt  = GGML_KV_SCORES_CPU_TILE;
+    const int64_t nkt = ggml_kv_scores_cpu_k_tiles(d, n_kv);
+    const int64_t nrb = (n_rows + b.n_rows - 1)/b.n_rows;
+    return nq*n_kv + d + (d*nt + 1)*nkt + nq*d + nq*nt + nq + nrb*ggml_kv_scores_cpu_n_tiles(n_kv) + CACHE_LINE_SIZE_F32;
+}
+
+// active[rb*n_tiles + t]: some row of row block rb sees a cell of tile t (the mask is the same for every head)
+static void ggml_kv_scores_cpu_active_tiles(const ggml_tensor * mask, size_t nbm1, int64_t n_rows, int64_t rb_max,
+        int64_t n_kv, float * active) {
+    const int64_t nt      = GGML_KV_SCORES_CPU_TILE;
+    const int64_t n_tiles = ggml_kv_scores_cpu_n_tiles(n_kv);
+    for (int64_t r0 = 0, ib = 0; r0 < n_rows; r0 += rb_max, ++ib) {
+        const int64_t rb = MIN(rb_max, n_rows - r0);
+        for (int64_t it = 0; it < n_tiles; ++it) {
+            const int64_t j0  = it*nt;
+            const int64_t ntj = MIN(nt, n_kv - j0);
+            bool any = mask == nullptr;
+            for (int64_t ir = 0; ir < rb && !any; ++ir) {
+                const float * mr = (const float *) ((const char *) mask->data + (r0 + ir)*nbm1) + j0;
+                int n_seen = 0;
+                for (int64_t t = 0; t < ntj; ++t) {
+                    n_seen += mr[t] != -INFINITY;
+                }
+                any = n_seen > 0;
+            }
+            active[ib*n_tiles + it] = any ? 1.0f : 0.0f;
+        }
+    }
+}
+
 size_t ggml_cpu_kv_scores_work_size(const ggml_tensor * dst, int n_tasks) {
     const ggml_tensor * q = dst->src[0];
     const ggml_tensor * k = dst->src[1];
@@ -53,16 +103,142 @@ size_t ggml_cpu_kv_scores_work_size(const ggml_tensor * dst, int n_tasks) {
     const int64_t n_kv   = k->ne[1];
 
     const ggml_kv_scores_cpu_blocks b = ggml_kv_scores_cpu_blocking(n_head, k->ne[2], n_rows, n_kv, n_tasks);
-    const int64_t nq = b.n_heads*b.n_rows;
-    const int64_t nt = GGML_KV_SCORES_CPU_TILE;
 
-    // per query head: its rows reduced; per thread: the logits of a block, one converted K row, the
-    // transposed K tile, the block's query vectors and their products with the tile
-    return sizeof(float)*(n_head*n_kv + n_tasks*(nq*n_kv + d + d*nt + nq*d + nq*nt + CACHE_LINE_SIZE_F32));
+    // per query head: its rows reduced; per thread: its scratch
+    return sizeof(float)*(n_head*n_kv + n_tasks*ggml_kv_scores_cpu_thread_floats(d, n_rows, n_kv, b));
 }
 
 static inline float ggml_kv_scores_reduce(float a, float b, int32_t op) {
     return op == GGML_KV_SCORES_REDUCE_MAX ? MAX(a, b) : a + b;
+}
+
+struct ggml_kv_scores_cpu_ctx {
+    const ggml_tensor * q;
+    const ggml_tensor * k;
+    const ggml_tensor * mask;
+    const ggml_tensor * row_w;
+    size_t  nbm1;     // bytes between mask rows (0: one row for all)
+    float   scale;    // scale/softcap with soft-capping
+    float   softcap;  // 0: none
+    int32_t red_row;
+    int64_t d;
+    int64_t n_kv;
+    ggml_to_float_t k_to_float;
+};
+
+// the K rows of cells [j0, j0 + ntj) of KV head hkv in F32, transposed (k_tile[i*nt + t]), zero-padded past the
+// last cell; k_f32: one row of scratch
+static void ggml_kv_scores_cpu_k_tile(const ggml_kv_scores_cpu_ctx & c, int64_t hkv, int64_t j0, int64_t ntj,
+        float * k_f32, float * k_tile) {
+    const int64_t d  = c.d;
+    const int64_t nt = GGML_KV_SCORES_CPU_TILE;
+    const ggml_tensor * k = c.k;
+
+    for (int64_t t = 0; t < nt; ++t) {
+        if (t < ntj) {
+            const char * k_row = (const char *) k->data + (j0 + t)*k->nb[1] + hkv*k->nb[2];
+            switch (k->type) {
+                case GGML_TYPE_F32:  memcpy(k_f32, k_row, d*sizeof(float)); break;
+                case GGML_TYPE_F16:  ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) k_row, k_f32, d); break; // SIMD
+                case GGML_TYPE_BF16: ggml_cpu_bf16_to_fp32((const ggml_bf16_t *) k_row, k_f32, d); break;
+                default:             c.k_to_float(k_row, k_f32, d); break;
+            }
+            for (int64_t i = 0; i < d; ++i) {
+                k_tile[i*nt + t] = k_f32[i];
+            }
+        } else {
+            for (int64_t i = 0; i < d; ++i) {
+                k_tile[i*nt + t] = 0.0f;
+            }
+        }
+    }
+}
+
+// the logits of the block's nq query vectors (q_blk, rows r0 + iv%rb) against the cells [j0, j0 + ntj) of the
+// converted tile k_tile, into logits[iv*n_kv + j0 + t]; their maxima into row_max[iv]; kq: scratch
+static void ggml_kv_scores_cpu_tile(const ggml_kv_scores_cpu_ctx & c, int64_t j0, int64_t ntj, int64_t r0, int64_t rb,
+        int64_t nq, const float * q_blk, const float * k_tile, float * kq, float * logits, float * row_max) {
+    const int64_t nt = GGML_KV_SCORES_CPU_TILE;
+
+    memset(kq, 0, nq*nt*sizeof(float));
+    simd_gemm(kq, q_blk, k_tile, (int) nq, (int) c.d, (int) nt);
+
+    for (int64_t iv = 0; iv < nq; ++iv) {
+        const float * mr = c.mask ? (const float *) ((const char *) c.mask->data + (r0 + iv%rb)*c.nbm1) + j0 : nullptr;
+        const float * kr = kq + iv*nt;
+        float       * lr = logits + iv*c.n_kv + j0;
+        if (c.softcap > 0.0f) {
+            for (int64_t t = 0; t < ntj; ++t) {
+                lr[t] = c.softcap*tanhf(kr[t]*c.scale);
+            }
+        } else {
+            for (int64_t t = 0; t < ntj; ++t) {
+                lr[t] = kr[t]*c.scale;
+            }
+        }
+        if (mr) {
+            // a masked cell stays -inf whatever its K row holds (an empty cell's row may be stale)
+            for (int64_t t = 0; t < ntj; ++t) {
+                lr[t] = mr[t] == -INFINITY ? -INFINITY : lr[t] + mr[t];
+            }
+        }
+        float mx[8] = { -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY };
+        int64_t t = 0;
+        for (; t + 8 <= ntj; t += 8) {
+            for (int u = 0; u < 8; ++u) {
+                mx[u] = mx[u] > lr[t + u] ? mx[u] : lr[t + u];
+            }
+        }
+        for (; t < ntj; ++t) {
+            mx[0] = MAX(mx[0], lr[t]);
+        }
+        for (int u = 0; u < 8; ++u) {
+            row_max[iv] = MAX(row_max[iv], mx[u]);
+        }
+    }
+}
+
+// row r's logits lr (valid in the active tiles, their maximum max) -> its probabilities, weighted, reduced into acc
+static void ggml_kv_scores_cpu_row(const ggml_kv_scores_cpu_ctx & c, int64_t r, const float * active, float max,
+        float * lr, float * acc) {
+    const int64_t nt      = GGML_KV_SCORES_CPU_TILE;
+    const int64_t n_kv    = c.n_kv;
+    const int64_t n_tiles = ggml_kv_scores_cpu_n_tiles(n_kv);
+    const float   w       = c.row_w ? ((const float *) c.row_w->data)[r] : 1.0f;
+
+    if (max == -INFINITY || w == 0.0f) {
+        // a fully masked row (or a row of weight 0) contributes 0 to every cell
+        if (c.red_row == GGML_KV_SCORES_REDUCE_MAX) {
+            for (int64_t j = 0; j < n_kv; ++j) {
+                acc[j] = MAX(acc[j], 0.0f);
+            }
+        }
+        return;
+    }
+
+    ggml_float sum = 0.0;
+    for (int64_t it = 0; it < n_tiles; ++it) {
+        if (active[it] != 0.0f) {
+            sum += ggml_vec_soft_max_f32((int) MIN(nt, n_kv - it*nt), lr + it*nt, lr + it*nt, max);
+        }
+    }
+    const float coef = (float) (w/sum);
+    for (int64_t it = 0; it < n_tiles; ++it) {
+        if (active[it] == 0.0f) {
+            continue;
+        }
+        const int64_t j1 = MIN((it + 1)*nt, n_kv);
+        if (c.red_row == GGML_KV_SCORES_REDUCE_MAX) {
+            for (int64_t j = it*nt; j < j1; ++j) {
+                const float v = lr[j]*coef;
+                acc[j] = acc[j] > v ? acc[j] : v;
+            }
+        } else {
+            for (int64_t j = it*nt; j < j1; ++j) {
+                acc[j] += lr[j]*coef;
+            }
+        }
+    }
 }
 
 void ggml_compute_forward_kv_scores(
@@ -78,22 +254,29 @@ void ggml_compute_forward_kv_scores(
     GGML_ASSERT(q->type   == GGML_TYPE_F32 && q->nb[0] == sizeof(float));
     GGML_ASSERT(k->nb[0]  == ggml_type_size(k->type));
 
-    const float   softcap = ggml_get_op_params_f32(dst, 3);
-    const float   scale   = softcap > 0.0f ? ggml_get_op_params_f32(dst, 0)/softcap : ggml_get_op_params_f32(dst, 0);
-    const int32_t red_row = ggml_get_op_params_i32(dst, 1);
+    ggml_kv_scores_cpu_ctx c;
+    c.q       = q;
+    c.k       = k;
+    c.mask    = mask;
+    c.row_w   = row_w;
+    c.nbm1    = mask && mask->ne[1] > 1 ? mask->nb[1] : 0;
+    c.softcap = ggml_get_op_params_f32(dst, 3);
+    c.scale   = c.softcap > 0.0f ? ggml_get_op_params_f32(dst, 0)/c.softcap : ggml_get_op_params_f32(dst, 0);
+    c.red_row = ggml_get_op_params_i32(dst, 1);
+    c.d       = q->ne[0];
+    c.n_kv    = k->ne[1];
+    c.k_to_float = ggml_get_type_traits(k->type)->to_float;
+    GGML_ASSERT((k->type == GGML_TYPE_F32 || c.k_to_float) && "kv_scores: unsupported K type");
+
     const int32_t red_grp = ggml_get_op_params_i32(dst, 2);
 
-    const int64_t d      = q->ne[0];
-    const int64_t n_head = q->ne[1];
-    const int64_t n_rows = q->ne[2];
-    const int64_t n_kv   = k->ne[1];
-    const int64_t n_hkv  = k->ne[2];
-    const int64_t n_grp  = n_head/n_hkv;
-
-    const size_t nbm1 = mask && mask->ne[1] > 1 ? mask->nb[1] : 0;
-
-    ggml_to_float_t const k_to_float = ggml_get_type_traits(k->type)->to_float;
-    GGML_ASSERT((k->type == GGML_TYPE_F32 || k_to_float) && "kv_scores: unsupported K type");
+    const int64_t d       = c.d;
+    const int64_t n_head  = q->ne[1];
+    const int64_t n_rows  = q->ne[2];
+    const int64_t n_kv    = c.n_kv;
+    const int64_t n_hkv   = k->ne[2];
+    const int64_t n_grp   = n_head/n_hkv;
+    const int64_t n_tiles = ggml_kv_scores_cpu_n_tiles(n_kv);
 
     const int ith = params->ith;
     const int nth = params->nth;
@@ -104,14 +287,19 @@ void ggml_compute_forward_kv_scores(
     const int64_t nq_max = nh*rb_max;
     const int64_t nt     = GGML_KV_SCORES_CPU_TILE;
 
-    float * acc_all = (float *) params->wdata;                       // [n_kv, n_head]
-    float * logits  = acc_all + n_head*n_kv + ith*(nq_max*n_kv + d + d*nt + nq_max*d + nq_max*nt + CACHE_LINE_SIZE_F32);
-    float * k_f32   = logits + nq_max*n_kv;  // [d]: one K row
-    float * k_tile  = k_f32 + d;             // [d, nt]: the K tile, transposed
-    float * q_blk   = k_tile + d*nt;         // [nq, d]: the block's query vectors, (head, row) in order
-    float * kq      = q_blk + nq_max*d;      // [nq, nt]: their products with the tile
+    const int64_t nkt     = ggml_kv_scores_cpu_k_tiles(d, n_kv);
 
-    const float init_row = red_row == GGML_KV_SCORES_REDUCE_MAX ? -INFINITY : 0.0f;
+    float * acc_all = (float *) params->wdata;                       // [n_kv, n_head]
+    float * logits  = acc_all + n_head*n_kv + ith*ggml_kv_scores_cpu_thread_floats(d, n_rows, n_kv, b);
+    float * k_f32   = logits + nq_max*n_kv;  // [d]: one K row
+    float * k_tiles = k_f32 + d;             // [d, nt] per kept tile: the K tiles, transposed
+    float * q_blk   = k_tiles + d*nt*nkt;    // [nq, d]: the block's query vectors, (head, row) in order
+    float * kq      = q_blk + nq_max*d;      // [nq, nt]: their products with a tile
+    float * row_max = kq + nq_max*nt;        // [nq]: the maxima of their logits
+    float * active  = row_max + nq_max;      // [n_tiles, row blocks]: the tiles each row block sees
+    int32_t * k_hkv = (int32_t *) (active + ((n_rows + rb_max - 1)/rb_max)*n_tiles); // [nkt]: KV head of each kept tile
+
+    const float init_row = c.red_row == GGML_KV_SCORES_REDUCE_MAX ? -INFINITY : 0.0f;
 
     // 1. per query head: softmax of every row over the cells, weighted, reduced over the rows in order;
     //    the threads take consecutive sets of nh query heads (of one KV head each)
@@ -120,6 +308,13 @@ void ggml_compute_forward_kv_scores(
     const int64_t is0 = MIN(ds*ith, n_sets);
     const int64_t is1 = MIN(is0 + ds, n_sets);
 
+    if (is0 < is1) {
+        ggml_kv_scores_cpu_active_tiles(mask, c.nbm1, n_rows, rb_max, n_kv, active);
+    }
+    for (int64_t it = 0; it < nkt; ++it) {
+        k_hkv[it] = -1;
+    }
+
     for (int64_t is = is0; is < is1; ++is) {
         const int64_t h0  = is*nh;
         const int64_t hkv = h0/n_grp;
@@ -127,95 +322,41 @@ void ggml_compute_forward_kv_scores(
             acc_all[h0*n_kv + j] = init_row;
         }
 
-        for (int64_t r0 = 0; r0 < n_rows; r0 += rb_max) {
+        for (int64_t r0 = 0, ib = 0; r0 < n_rows; r0 += rb_max, ++ib) {
             const int64_t rb = MIN(rb_max, n_rows - r0);
             const int64_t nq = nh*rb; // query vector iv = ih*rb + ir: head h0 + ih, row r0 + ir
+            const float * act = active + ib*n_tiles;
 
             for (int64_t iv = 0; iv < nq; ++iv) {
                 memcpy(q_blk + iv*d, (const char *) q->data + (h0 + iv/rb)*q->nb[1] + (r0 + iv%rb)*q->nb[2], d*sizeof(float));
             }
-
-            for (int64_t j0 = 0; j0 < n_kv; j0 += nt) {
-                const int64_t ntj = MIN(nt, n_kv - j0);
-
-                // a tile that every row of the block masks out needs no products
-                bool any = mask == nullptr;
-                for (int64_t ir = 0; ir < rb && !any; ++ir) {
-                    const float * mr = (const float *) ((const char *) mask->data + (r0 + ir)*nbm1) + j0;
-                    for (int64_t t = 0; t < ntj; ++t) {
-                        if (mr[t] != -INFINITY) {
-                            any = true;
-                            break;
-                        }
-                    }
-                }
-                if (!any) {
-                    for (int64_t iv = 0; iv < nq; ++iv) {
-                        for (int64_t t = 0; t < ntj; ++t) {
-                            logits[iv*n_kv + j0 + t] = -INFINITY;
-                        }
-                    }
+            for (int64_t iv = 0; iv < nq; ++iv) {
+                row_max[iv] = -INFINITY;
+            }
+            for (int64_t it = 0; it < n_tiles; ++it) {
+                if (act[it] == 0.0f) {
                     continue;
                 }
-
-                // the tile's K rows in F32, transposed (k_tile[i*nt + t]), zero-padded past the last cell
-                for (int64_t t = 0; t < nt; ++t) {
-                    if (t < ntj) {
-                        const char * k_row = (const char *) k->data + (j0 + t)*k->nb[1] + hkv*k->nb[2];
-                        switch (k->type) {
-                            case GGML_TYPE_F32:  memcpy(k_f32, k_row, d*sizeof(float)); break;
-                            case GGML_TYPE_F16:  ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) k_row, k_f32, d); break; // SIMD
-                            case GGML_TYPE_BF16: ggml_cpu_bf16_to_fp32((const ggml_bf16_t *) k_row, k_f32, d); break;
-                            default:             k_to_float(k_row, k_f32, d); break;
-                        }
-                        for (int64_t i = 0; i < d; ++i) {
-                            k_tile[i*nt + t] = k_f32[i];
-                        }
-                    } else {
-                        for (int64_t i = 0; i < d; ++i) {
-                            k_tile[i*nt + t] = 0.0f;
-                        }
-                    }
+                const int64_t ik = nkt > 1 ? it : 0;
+                const int64_t ntj = MIN(nt, n_kv - it*nt);
+                if (nkt == 1 || k_hkv[ik] != hkv) {
+                    ggml_kv_scores_cpu_k_tile(c, hkv, it*nt, ntj, k_f32, k_tiles + ik*d*nt);
+                    k_hkv[ik] = nkt > 1 ? (int32_t) hkv : -1;
                 }
-
-                memset(kq, 0, nq*nt*sizeof(float));
-                simd_gemm(kq, q_blk, k_tile, (int) nq, (int) d, (int) nt);
-
-                for (int64_t iv = 0; iv < nq; ++iv) {
-                    const int64_t r  = r0 + iv%rb;
-                    const float * mr = mask ? (const float *) ((const char *) mask->data + r*nbm1) + j0 : nullptr;
-                    for (int64_t t = 0; t < ntj; ++t) {
-                        const float m = mr ? mr[t] : 0.0f;
-                        // a masked cell stays -inf whatever its K row holds (an empty cell's row may be stale)
-                        const float x = kq[iv*nt + t]*scale;
-                        logits[iv*n_kv + j0 + t] = m == -INFINITY ? -INFINITY : (softcap > 0.0f ? softcap*tanhf(x) : x) + m;
-                    }
-                }
+                ggml_kv_scores_cpu_tile(c, it*nt, ntj, r0, rb, nq, q_blk, k_tiles + ik*d*nt, kq, logits, row_max);
             }
-
             for (int64_t iv = 0; iv < nq; ++iv) {
-                const int64_t r = r0 + iv%rb;
-                const float w = row_w ? ((const float *) row_w->data)[r] : 1.0f;
-                float * lr  = logits + iv*n_kv;
-                float * acc = acc_all + (h0 + iv/rb)*n_kv;
-
-                float max = -INFINITY;
-                ggml_vec_max_f32(n_kv, &max, lr);
-
-                if (max == -INFINITY || w == 0.0f) {
-                    // a fully masked row (or a row of weight 0) contributes 0 to every cell
-                    if (red_row == GGML_KV_SCORES_REDUCE_MAX) {
-                        for (int64_t j = 0; j < n_kv; ++j) {
+                ggml_kv_scores_cpu_row(c, r0 + iv%rb, act, row_max[iv], logits + iv*n_kv, acc_all + (h0 + iv/rb)*n_kv);
+            }
+            if (c.red_row == GGML_KV_SCORES_REDUCE_MAX) {
+                // every row's probabilities are 0 in a tile the block does not see: max(acc, 0) once for all rows
+                for (int64_t ih = 0; ih < nh; ++ih) {
+                    float * acc = acc_all + (h0 + ih)*n_kv;
+                    for (int64_t it = 0; it < n_tiles; ++it) {
+                        for (int64_t j = it*nt; act[it] == 0.0f && j < MIN((it + 1)*nt, n_kv); ++j) {
                             acc[j] = MAX(acc[j], 0.0f);
                         }
                     }
-                    continue;
-                }
-
-                const ggml_float sum = ggml_vec_soft_max_f32(n_kv, lr, lr, max);
-                const float coef = (float) (w/sum);
-                for (int64_t j = 0; j < n_kv; ++j) {
-                    acc[j] = ggml_kv_scores_reduce(acc[j], lr[j]*coef, red_row);
                 }
             }
         }
