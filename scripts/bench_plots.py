@@ -77,19 +77,20 @@ def plot_eviction_split(results: Path, out: Path) -> Path:
     data = [(label, *eviction_stages(results / rel)) for label, rel in EVICTION_RUNS]
     fig, ax = plt.subplots(figsize=(10, 0.9*len(data) + 1.6))
     colors = dict(zip(STAGES, plt.get_cmap("tab10").colors))
+    labelled: set[str] = set()
     for i, (label, med, n) in enumerate(data):
         left = 0.0
         for s in STAGES:
             if med[s] > 0.005:
-                ax.barh(i, med[s], left=left, color=colors[s], label=s if i == 0 or s not in ax.get_legend_handles_labels()[1] else None)
+                ax.barh(i, med[s], left=left, color=colors[s], label=None if s in labelled else s)
+                labelled.add(s)
                 left += med[s]
         ax.text(left + 0.2, i, f"{med['total']:.1f} ms total (median of {n})", va="center", fontsize=8)
     ax.set_yticks(range(len(data)), [d[0] for d in data], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("ms per steady eviction (stages as logged; on a GPU the gather's launch overlaps the metadata)")
     ax.set_title("One eviction, by stage")
-    handles, labels = ax.get_legend_handles_labels()
-    ax.legend(handles, labels, loc="lower right", fontsize=8, ncol=2)
+    ax.legend(loc="lower right", fontsize=8, ncol=2)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     path = out / "eviction_split.png"

@@ -59,7 +59,7 @@ static int64_t ggml_kv_scores_cpu_k_tiles(int64_t d, int64_t n_kv) {
 }
 
 // a thread's share of the work buffer, in floats: the logits of a block, one converted K row, the transposed
-// K tiles and the KV head each holds, the block's query vectors, their products with a tile and row maxima,
+// K tiles and which tile of which KV head each holds, the block's query vectors, their products with a tile and row maxima,
 // which tiles each block of rows sees
 static int64_t ggml_kv_scores_cpu_thread_floats(int64_t d, int64_t n_rows, int64_t n_kv, const ggml_kv_scores_cpu_blocks & b) {
     const int64_t nq  = b.n_heads*b.n_rows;
@@ -182,6 +182,7 @@ static void ggml_kv_scores_cpu_tile(const ggml_kv_scores_cpu_ctx & c, int64_t j0
                 lr[t] = mr[t] == -INFINITY ? -INFINITY : lr[t] + mr[t];
             }
         }
+        // eight running maxima: no serial dependency over the cells
         float mx[8] = { -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY };
         int64_t t = 0;
         for (; t + 8 <= ntj; t += 8) {
@@ -227,16 +228,8 @@ static void ggml_kv_scores_cpu_row(const ggml_kv_scores_cpu_ctx & c, int64_t r, 
         if (active[it] == 0.0f) {
             continue;
         }
-        const int64_t j1 = MIN((it + 1)*nt, n_kv);
-        if (c.red_row == GGML_KV_SCORES_REDUCE_MAX) {
-            for (int64_t j = it*nt; j < j1; ++j) {
-                const float v = lr[j]*coef;
-                acc[j] = acc[j] > v ? acc[j] : v;
-            }
-        } else {
-            for (int64_t j = it*nt; j < j1; ++j) {
-                acc[j] += lr[j]*coef;
-            }
+        for (int64_t j = it*nt; j < MIN((it + 1)*nt, n_kv); ++j) {
+            acc[j] = ggml_kv_scores_reduce(acc[j], lr[j]*coef, c.red_row);
         }
     }
 }
@@ -287,7 +280,7 @@ void ggml_compute_forward_kv_scores(
     const int64_t nq_max = nh*rb_max;
     const int64_t nt     = GGML_KV_SCORES_CPU_TILE;
 
-    const int64_t nkt     = ggml_kv_scores_cpu_k_tiles(d, n_kv);
+    const int64_t nkt    = ggml_kv_scores_cpu_k_tiles(d, n_kv);
 
     float * acc_all = (float *) params->wdata;                       // [n_kv, n_head]
     float * logits  = acc_all + n_head*n_kv + ith*ggml_kv_scores_cpu_thread_floats(d, n_rows, n_kv, b);
@@ -297,7 +290,7 @@ void ggml_compute_forward_kv_scores(
     float * kq      = q_blk + nq_max*d;      // [nq, nt]: their products with a tile
     float * row_max = kq + nq_max*nt;        // [nq]: the maxima of their logits
     float * active  = row_max + nq_max;      // [n_tiles, row blocks]: the tiles each row block sees
-    int32_t * k_hkv = (int32_t *) (active + ((n_rows + rb_max - 1)/rb_max)*n_tiles); // [nkt]: KV head of each kept tile
+    int32_t * k_tag = (int32_t *) (active + ((n_rows + rb_max - 1)/rb_max)*n_tiles); // [nkt]: hkv*n_tiles + tile held
 
     const float init_row = c.red_row == GGML_KV_SCORES_REDUCE_MAX ? -INFINITY : 0.0f;
 
@@ -312,7 +305,7 @@ void ggml_compute_forward_kv_scores(
         ggml_kv_scores_cpu_active_tiles(mask, c.nbm1, n_rows, rb_max, n_kv, active);
     }
     for (int64_t it = 0; it < nkt; ++it) {
-        k_hkv[it] = -1;
+        k_tag[it] = -1;
     }
 
     for (int64_t is = is0; is < is1; ++is) {
@@ -337,11 +330,12 @@ void ggml_compute_forward_kv_scores(
                 if (act[it] == 0.0f) {
                     continue;
                 }
-                const int64_t ik = nkt > 1 ? it : 0;
+                const int64_t ik  = nkt > 1 ? it : 0;
                 const int64_t ntj = MIN(nt, n_kv - it*nt);
-                if (nkt == 1 || k_hkv[ik] != hkv) {
+                const int32_t tag = (int32_t) (hkv*n_tiles + it);
+                if (k_tag[ik] != tag) {
                     ggml_kv_scores_cpu_k_tile(c, hkv, it*nt, ntj, k_f32, k_tiles + ik*d*nt);
-                    k_hkv[ik] = nkt > 1 ? (int32_t) hkv : -1;
+                    k_tag[ik] = tag;
                 }
                 ggml_kv_scores_cpu_tile(c, it*nt, ntj, r0, rb, nq, q_blk, k_tiles + ik*d*nt, kq, logits, row_max);
             }
@@ -353,7 +347,10 @@ void ggml_compute_forward_kv_scores(
                 for (int64_t ih = 0; ih < nh; ++ih) {
                     float * acc = acc_all + (h0 + ih)*n_kv;
                     for (int64_t it = 0; it < n_tiles; ++it) {
-                        for (int64_t j = it*nt; act[it] == 0.0f && j < MIN((it + 1)*nt, n_kv); ++j) {
+                        if (act[it] != 0.0f) {
+                            continue;
+                        }
+                        for (int64_t j = it*nt; j < MIN((it + 1)*nt, n_kv); ++j) {
                             acc[j] = MAX(acc[j], 0.0f);
                         }
                     }
