@@ -28,6 +28,8 @@
 // GPU (cell tiles x query tiles x KV heads) blocks and does the Q.K products once instead of twice.
 //
 // Every reduction runs in a fixed order: the result does not depend on scheduling.
+// A cell tile that every mask row masks (an eviction's protected cells, kept together) skips the products in both
+// passes: its logits are -INF, its partials empty, its scores 0.
 
 static constexpr int KV_SCORES_NC = 64;  // cells per tile (one block)
 static constexpr int KV_SCORES_NQ = 64;  // query vectors per tile
@@ -213,6 +215,23 @@ static __device__ __forceinline__ float kv_scores_logit(const kv_scores_params &
     return x;
 }
 
+// whether some mask row sees a cell of [c0, c0 + KV_SCORES_NC) (no mask: yes); every thread of the block gets the answer
+static __device__ __forceinline__ bool kv_scores_tile_seen(const kv_scores_params & p, const int c0) {
+    if (!p.mask) {
+        return true;
+    }
+    const int n_mrows = p.nbm1 == 0 ? 1 : p.n_rows;
+    int seen = 0;
+    for (int e = threadIdx.x; e < n_mrows*KV_SCORES_NC; e += blockDim.x) {
+        const int r = e / KV_SCORES_NC;
+        const int j = c0 + e % KV_SCORES_NC;
+        if (j < p.n_kv && ((const float *) ((const char *) p.mask + (int64_t) r*p.nbm1))[j] != -INFINITY) {
+            seen = 1;
+        }
+    }
+    return __syncthreads_or(seen) != 0;
+}
+
 // pass 1: per (KV head, query vector, cell tile): max and sum of exp of the logits; store_logits: also the
 // logits, one query tile per block, [n_hkv, n_q, n_kv]
 template <int D, ggml_type type_k, bool store_logits>
@@ -230,6 +249,25 @@ static __global__ void __launch_bounds__(KV_SCORES_NT) kv_scores_stats(const kv_
     const int n_qt = (p.n_q + KV_SCORES_NQ - 1)/KV_SCORES_NQ;
     const int qt0  = store_logits ? blockIdx.y     : 0;
     const int qt1  = store_logits ? blockIdx.y + 1 : n_qt;
+
+    if (!kv_scores_tile_seen(p, c0)) {
+        // every row masks the tile (an eviction's protected cells): no products, logits -INF, empty partials
+        for (int qt = qt0; qt < qt1; ++qt) {
+            for (int e = threadIdx.x; e < KV_SCORES_NQ*KV_SCORES_NC; e += KV_SCORES_NT) {
+                const int iq = qt*KV_SCORES_NQ + e / KV_SCORES_NC;
+                const int j  = c0 + e % KV_SCORES_NC;
+                if (iq < p.n_q && j < p.n_kv) {
+                    if (store_logits) {
+                        logits[((int64_t) hkv*p.n_q + iq)*p.n_kv + j] = -INFINITY;
+                    }
+                    if (j == c0) {
+                        part[((int64_t) hkv*p.n_q + iq)*p.n_tiles + tile] = make_float2(-INFINITY, 0.0f);
+                    }
+                }
+            }
+        }
+        return;
+    }
 
     for (int qt = qt0; qt < qt1; ++qt) {
         float s[4][4];
@@ -326,6 +364,14 @@ static __global__ void __launch_bounds__(KV_SCORES_NT) kv_scores_reduce(const kv
 
     const float init_row = p.red_row == GGML_KV_SCORES_REDUCE_MAX ? -INFINITY : 0.0f;
     const float init_grp = p.red_grp == GGML_KV_SCORES_REDUCE_MAX ? -INFINITY : 0.0f;
+
+    if (!kv_scores_tile_seen(p, c0)) {
+        // every probability of the tile is 0: so are its sums and maxima
+        if (tid < KV_SCORES_NC && c0 + tid < p.n_kv) {
+            p.dst[(int64_t) hkv*p.n_kv + c0 + tid] = 0.0f;
+        }
+        return;
+    }
 
     // threads tid < KV_SCORES_NC own cell c0 + tid for the reductions
     float acc_row = init_row;
