@@ -268,6 +268,43 @@ size_t llama_kv_budget_state::aux_bytes() const {
 // llama_kv_cache: budget members
 //
 
+// an F32 tensor over the bytes of t, [row bytes / 4, ne1, ne2], or null where t's per-head rows of d elements are
+// not whole 4-byte words (or t is F32 already)
+static ggml_tensor * kv_budget_bit_view(ggml_context * ctx, ggml_tensor * t, int64_t d) {
+    if (t->type == GGML_TYPE_F32 || !t->buffer || !t->data || !ggml_is_contiguous(t) ||
+            ggml_row_size(t->type, d) % sizeof(float) != 0 || t->nb[1] % sizeof(float) != 0) {
+        return nullptr;
+    }
+    ggml_tensor * a = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, t->nb[1]/sizeof(float), t->ne[1], t->ne[2]);
+    if (ggml_nbytes(a) != ggml_nbytes(t) || ggml_backend_tensor_alloc(t->buffer, a, t->data) != GGML_STATUS_SUCCESS) {
+        return nullptr;
+    }
+    ggml_format_name(a, "%s_bits", t->name);
+    return a;
+}
+
+// the gather moves kept rows through F32 views of K and V: a copy of their bytes, where get_rows + set_rows on
+// the F16 or quantized tensors would convert every row to F32 and back (for quantized types, requantize it)
+template <typename layers_t>
+static void kv_budget_init_bit_views(llama_kv_budget_state & B, const layers_t & layers, const llama_hparams & hparams) {
+    if (hparams.no_alloc || layers.empty()) {
+        return;
+    }
+    ggml_init_params ip = {
+        /*.mem_size   =*/ 2*layers.size()*ggml_tensor_overhead(),
+        /*.mem_buffer =*/ NULL,
+        /*.no_alloc   =*/ true,
+    };
+    B.bits_ctx.reset(ggml_init(ip));
+    if (!B.bits_ctx) {
+        throw std::runtime_error("failed to create ggml context for the KV budget");
+    }
+    for (const auto & layer : layers) {
+        B.k_bits.push_back(kv_budget_bit_view(B.bits_ctx.get(), layer.k, hparams.n_embd_head_k(layer.il)));
+        B.v_bits.push_back(kv_budget_bit_view(B.bits_ctx.get(), layer.v, hparams.n_embd_head_v(layer.il)));
+    }
+}
+
 void llama_kv_cache::budget_init(const llama_kv_budget_params & params) {
     GGML_ASSERT(params.enabled());
     GGML_ASSERT(!v_trans && "a KV budget needs the non-transposed V cache (flash attention)");
@@ -344,6 +381,7 @@ void llama_kv_cache::budget_init(const llama_kv_budget_params & params) {
     }
 
     budget_init_scores();
+    kv_budget_init_bit_views(B, layers, hparams);
 
     if (B.order_sel && !hparams.no_alloc) {
         // the order is read back on every eviction: into pinned memory where the device offers it (a direct
@@ -1169,13 +1207,19 @@ void llama_kv_budget_evict::build_gather(ggml_context * ctx, ggml_cgraph * gf, l
 
         ggml_tensor * sel = ggml_view_2d(ctx, order, n_keep, n_hkv, order->nb[1], row_off[ikv]*order->nb[1]);
 
-        ggml_tensor * k_kept = ggml_get_rows(ctx, kv_budget_heads_view(ctx, layer.k, d_k, n_kv, n_hkv, hparams.n_embd_k_gqa(il), strm), sel);
-        ggml_tensor * k_dst  = kv_budget_heads_view(ctx, layer.k, d_k, kv_size, n_hkv, hparams.n_embd_k_gqa(il), strm);
-        ggml_build_forward_expand(gf, ggml_set_rows(ctx, k_dst, k_kept, inp->dst));
-
-        ggml_tensor * v_kept = ggml_get_rows(ctx, kv_budget_heads_view(ctx, layer.v, d_v, n_kv, n_hkv, hparams.n_embd_v_gqa(il), strm), sel);
-        ggml_tensor * v_dst  = kv_budget_heads_view(ctx, layer.v, d_v, kv_size, n_hkv, hparams.n_embd_v_gqa(il), strm);
-        ggml_build_forward_expand(gf, ggml_set_rows(ctx, v_dst, v_kept, inp->dst));
+        // each KV head's kept rows into cells 0..n_keep-1, through the bit view where there is one
+        auto gather = [&](ggml_tensor * t, ggml_tensor * bits, int64_t d, int64_t n_embd) {
+            if (bits) {
+                d      = ggml_row_size(t->type, d)/sizeof(float);
+                n_embd = ggml_row_size(t->type, n_embd)/sizeof(float);
+                t      = bits;
+            }
+            ggml_tensor * kept = ggml_get_rows(ctx, kv_budget_heads_view(ctx, t, d, n_kv, n_hkv, n_embd, strm), sel);
+            ggml_tensor * dst  = kv_budget_heads_view(ctx, t, d, kv_size, n_hkv, n_embd, strm);
+            ggml_build_forward_expand(gf, ggml_set_rows(ctx, dst, kept, inp->dst));
+        };
+        gather(layer.k, B.k_bits.empty() ? nullptr : B.k_bits[ikv], d_k, hparams.n_embd_k_gqa(il));
+        gather(layer.v, B.v_bits.empty() ? nullptr : B.v_bits[ikv], d_v, hparams.n_embd_v_gqa(il));
 
         if (h2o) {
             // the accumulated scores move with their tokens

@@ -154,6 +154,13 @@ struct llama_kv_budget_state {
     // valid for the cells marked in the stream's acc_valid
     std::vector<ggml_tensor *> acc;
 
+    // per KV-cache layer: F32 tensors over the same bytes as the layer's K and V, through which the eviction's
+    // gather copies rows bit for bit (null where a head's row is not a whole number of 4-byte words, or K/V is
+    // F32 already: the gather then goes through get_rows' F32 rows)
+    std::vector<ggml_tensor *> k_bits;
+    std::vector<ggml_tensor *> v_bits;
+    ggml_context_ptr           bits_ctx;
+
     uint32_t state_version = 0;  // the format of the state being read (budget_state_read_header)
 
     int32_t n_batch_tokens = 0;  // tokens of the batch being decoded
